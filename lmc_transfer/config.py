@@ -1,0 +1,206 @@
+"""The YAML configuration: one frozen dataclass, validated on load.
+
+Key names follow LMCache where they mean the same thing (``chunk_size``,
+``max_local_cpu_size``, ``local_disk``, ``max_local_disk_size``, ``mp_host``,
+``mp_port``), so the relevant part of an LMCache file carries over. Sizes are in
+GB (1024**3 bytes, as LMCache counts them) except ``staging_buffer_size`` (MB).
+Unknown keys are rejected with a did-you-mean hint, and every error names the
+source file, the key and the offending value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+GB = 1024**3
+MB = 1024**2
+
+
+class Mode(str, enum.Enum):
+    MP = "mp"
+    IP = "ip"
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names file and key."""
+
+
+#: Names accepted by ``transfer_path`` (lmc_transfer.transfer.TransferPath values).
+TRANSFER_PATHS = ("auto", "zero_copy", "staged")
+
+_Check = Callable[[Any], Any]
+
+
+class _BadValue(Exception):
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _int(minimum: int, maximum: int | None = None) -> _Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
+            raise _BadValue(f"an integer in [{minimum}, {maximum}]" if maximum is not None else f"an integer >= {minimum}")
+        return v
+
+    return check
+
+
+def _number(*, positive: bool) -> _Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
+            raise _BadValue("a positive number" if positive else "a number >= 0")
+        return float(v)
+
+    return check
+
+
+def _optional(inner: _Check) -> _Check:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _BadValue("a non-empty string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _BadValue("true or false")
+    return v
+
+
+def _mode(v: Any) -> Mode:
+    names = [m.value for m in Mode]
+    if not isinstance(v, str) or v.lower() not in names:
+        raise _BadValue("one of " + ", ".join(names))
+    return Mode(v.lower())
+
+
+def _transfer_path(v: Any) -> str:
+    if v not in TRANSFER_PATHS:
+        raise _BadValue("one of " + ", ".join(TRANSFER_PATHS))
+    return v
+
+
+def _disk_path(v: Any) -> str:
+    """A directory path, or a ``file://`` URL as LMCache writes it."""
+    v = _string(v)
+    if "://" in v:
+        if not v.startswith("file://"):
+            raise _BadValue("a directory path or a file:// URL")
+        v = v.removeprefix("file://")
+        if not v:
+            raise _BadValue("a directory path or a file:// URL")
+    return v
+
+
+def _f(default: Any, check: _Check) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class LMCTransferConfig:
+    mode: Mode = _f(Mode.IP, _mode)
+    chunk_size: int = _f(256, _int(1))
+    max_local_cpu_size: float = _f(5.0, _number(positive=True))  # GB
+    local_disk: str | None = _f(None, _optional(_disk_path))
+    max_local_disk_size: float = _f(0.0, _number(positive=False))  # GB; 0 = no disk tier
+    mp_host: str = _f("127.0.0.1", _string)
+    mp_port: int = _f(5555, _int(1, 65535))
+    mp_socket: str | None = _f(None, _optional(_string))  # ipc path; wins over host/port
+    mp_auth_token: str | None = _f(None, _optional(_string))
+    lookup_timeout_ms: int = _f(200, _int(1))
+    request_timeout_ms: int = _f(1000, _int(1))
+    lease_ttl_s: float = _f(30.0, _number(positive=True))
+    disk_flush_interval_s: float = _f(1.0, _number(positive=True))
+    transfer_path: str = _f("auto", _transfer_path)
+    staging_buffer_size: int = _f(64, _int(1))  # MB
+    max_programs: int | None = _f(None, _optional(_int(1)))
+    allow_remote_tcp: bool = _f(False, _bool)
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB)
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_buffer_size * MB
+
+    @property
+    def mp_url(self) -> str:
+        """The daemon's ZMQ endpoint: the ipc socket when set, else loopback/host TCP."""
+        if self.mp_socket is not None:
+            return f"ipc://{self.mp_socket}"
+        host = f"[{self.mp_host}]" if ":" in self.mp_host else self.mp_host
+        return f"tcp://{host}:{self.mp_port}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> "LMCTransferConfig":
+        """Validate a mapping of YAML keys; ``None`` (an empty file) means all defaults."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), list(fields), n=1)
+                suffix = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(fields)}"
+                raise ConfigError(f"{source}: unknown key {key!r}{suffix}")
+            try:
+                values[key] = fields[key].metadata["check"](value)
+            except _BadValue as bad:
+                raise ConfigError(f"{source}: {key}: expected {bad.expected}, got {value!r}") from None
+        config = cls(**values)
+        config._check_combination(source)
+        return config
+
+    def _check_combination(self, source: str) -> None:
+        if self.max_local_disk_size > 0 and self.local_disk is None:
+            raise ConfigError(
+                f"{source}: max_local_disk_size: {self.max_local_disk_size} GB of disk tier needs local_disk to be set, got no local_disk"
+            )
+        if self.mp_socket is None and not self.allow_remote_tcp and not _is_loopback(self.mp_host):
+            raise ConfigError(
+                f"{source}: mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got {self.mp_host!r}"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: str | os.PathLike[str]) -> LMCTransferConfig:
+    """Read and validate a YAML config file; raises ConfigError (a ValueError) naming the file."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return LMCTransferConfig.from_dict(data, source=source)

@@ -1,0 +1,106 @@
+"""Config loading: example files, defaults, and the error message of each invalid case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmc_transfer.config import GB, MB, ConfigError, LMCTransferConfig, Mode, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_ip_config_loads() -> None:
+    cfg = load_config(CONFIGS / "example_config_ip.yaml")
+    assert cfg.mode is Mode.IP
+    assert cfg.chunk_size == 256
+    assert cfg.max_local_cpu_bytes == 5 * GB
+    assert cfg.local_disk is None and cfg.max_local_disk_bytes == 0
+    assert cfg.transfer_path == "auto" and cfg.staging_bytes == 64 * MB
+
+
+def test_example_mp_config_loads() -> None:
+    cfg = load_config(CONFIGS / "example_config_mp.yaml")
+    assert cfg.mode is Mode.MP
+    assert cfg.local_disk == "lmc_transfer_disk/"
+    assert cfg.max_local_disk_bytes == 20 * GB
+    assert cfg.mp_url == "tcp://127.0.0.1:5555"
+    assert (cfg.lookup_timeout_ms, cfg.request_timeout_ms, cfg.lease_ttl_s) == (200, 1000, 30.0)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg == LMCTransferConfig()
+    assert cfg.mode is Mode.IP and cfg.mp_port == 5555 and cfg.max_programs is None
+    assert cfg.allow_remote_tcp is False
+
+
+def test_values_are_normalised(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "mode: MP\nmax_local_cpu_size: 2\nmp_socket: /run/x.sock\nmax_programs: 16\nlocal_disk: /d\n")
+    )
+    assert cfg.mode is Mode.MP
+    assert cfg.max_local_cpu_size == 2.0 and isinstance(cfg.max_local_cpu_size, float)
+    assert cfg.mp_url == "ipc:///run/x.sock"
+    assert cfg.max_programs == 16 and cfg.local_disk == "/d"
+
+
+def test_from_dict_names_its_source() -> None:
+    assert LMCTransferConfig.from_dict({"chunk_size": 16}).chunk_size == 16
+    with pytest.raises(ConfigError, match=r"^<dict>: chunk_size: expected an integer >= 1, got 0$"):
+        LMCTransferConfig.from_dict({"chunk_size": 0})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("chunk_size: '256'\n", "chunk_size: expected an integer >= 1, got '256'"),
+        ("chunk_size: true\n", "chunk_size: expected an integer >= 1, got True"),
+        ("chunk_size: 12.5\n", "chunk_size: expected an integer >= 1, got 12.5"),
+        ("max_local_cpu_size: -1\n", "max_local_cpu_size: expected a positive number, got -1"),
+        ("max_local_disk_size: -0.5\n", "max_local_disk_size: expected a number >= 0, got -0.5"),
+        ("mode: hybrid\n", "mode: expected one of mp, ip, got 'hybrid'"),
+        ("mp_port: 70000\n", "mp_port: expected an integer in [1, 65535], got 70000"),
+        ("allow_remote_tcp: 'yes'\n", "allow_remote_tcp: expected true or false, got 'yes'"),
+        ("transfer_path: fast\n", "transfer_path: expected one of auto, zero_copy, staged, got 'fast'"),
+        ("local_disk: 's3://bucket'\n", "local_disk: expected a directory path or a file:// URL, got 's3://bucket'"),
+        ("max_programs: 0\n", "max_programs: expected an integer >= 1, got 0"),
+        ("chunk_sise: 256\n", "unknown key 'chunk_sise'; did you mean 'chunk_size'?"),
+        ("zzz: 1\n", "unknown key 'zzz'; known keys: mode, chunk_size"),
+        ("max_local_disk_size: 1.0\n", "max_local_disk_size: 1.0 GB of disk tier needs local_disk to be set"),
+        ("mp_host: 10.0.0.5\n", "mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got '10.0.0.5'"),
+        ("- a\n- b\n", "expected a mapping of config keys at the top level, got list"),
+        ("chunk_size: [\n", "not valid YAML"),
+    ],
+)
+def test_invalid_values_name_file_key_and_value(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_remote_host_allowed_when_opted_in(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "mp_host: 10.0.0.5\nallow_remote_tcp: true\nmp_port: 6000\n"))
+    assert cfg.mp_url == "tcp://10.0.0.5:6000"
+    assert load_config(write(tmp_path, "mp_host: '::1'\n")).mp_url == "tcp://[::1]:5555"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found$"):
+        load_config(path)
+
+
+def test_config_is_frozen() -> None:
+    cfg = LMCTransferConfig()
+    with pytest.raises(AttributeError):
+        cfg.chunk_size = 1  # type: ignore[misc]
