@@ -1,0 +1,410 @@
+"""RemoteTier against a real redis-server started on a free loopback port."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+redis = pytest.importorskip("redis")
+
+from lmc_transfer.remote_tier import HEADER_BYTES, RemoteTier, encode_value  # noqa: E402
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = [
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed (apt-get install redis-server)"),
+    pytest.mark.timeout(60),
+]
+
+NS_A = b"\x01" * 32
+NS_B = b"\x02" * 32
+GEOM = b"geometry-llama-8b"
+TIMEOUT_S = 0.2
+SLACK_S = 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process on loopback; restartable on the same port."""
+
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes", *self.extra_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                    return
+            except redis.exceptions.RedisError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+
+    def client(self) -> "redis.Redis":
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def tiers() -> Iterator[list[RemoteTier]]:
+    made: list[RemoteTier] = []
+    try:
+        yield made
+    finally:
+        for t in made:
+            t.close()
+
+
+def _tier(tiers: list[RemoteTier], url: str, **kw) -> RemoteTier:
+    kw.setdefault("namespace", NS_A)
+    kw.setdefault("timeout_s", TIMEOUT_S)
+    kw.setdefault("backoff_initial_s", 0.05)
+    kw.setdefault("backoff_max_s", 0.2)
+    t = RemoteTier(url, **kw)
+    tiers.append(t)
+    return t
+
+
+def _chunks(n: int, size: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+    rng = random.Random(seed)
+    keys = [rng.randbytes(32) for _ in range(n)]
+    payloads = [rng.randbytes(size) for _ in range(n)]
+    return keys, payloads
+
+
+def _redis_key(ns: bytes, key: bytes) -> bytes:
+    return b"lmc:" + ns.hex().encode() + b":c:" + key
+
+
+def test_round_trip_byte_exact(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url)
+    keys, payloads = _chunks(5, 4096 + 7, seed=1)
+    for k, p in zip(keys[:4], payloads[:4]):
+        assert tier.put_async(k, memoryview(bytearray(p)), GEOM)
+    assert tier.flush(5)
+    assert tier.longest_prefix(keys) == 4
+    assert tier.longest_prefix(keys[1:]) == 3
+    assert tier.longest_prefix([keys[4]] + keys[:4]) == 0
+    got = tier.fetch(keys, GEOM)
+    assert [bytes(g) for g in got] == payloads[:4]
+    stored = server.client().get(_redis_key(NS_A, keys[0]))
+    assert stored == encode_value(payloads[0], GEOM)
+    assert len(stored) == HEADER_BYTES + len(payloads[0])
+    s = tier.stats()
+    assert (s.puts, s.put_drops, s.put_errors, s.gets, s.hits, s.corrupt_dropped, s.errors) == (4, 0, 0, 5, 4, 0, 0)
+
+
+def test_put_copies_mutable_buffers(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url)
+    keys, payloads = _chunks(1, 1000, seed=2)
+    buf = bytearray(payloads[0])
+    assert tier.put_async(keys[0], memoryview(buf), GEOM)
+    buf[:] = b"\xff" * len(buf)  # the caller reuses its slab right away
+    assert tier.flush(5)
+    assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads
+
+
+def test_two_hosts_share_one_redis(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    keys, payloads = _chunks(3, 65536, seed=3)
+    host_a = _tier(tiers, server.url)
+    for k, p in zip(keys, payloads):
+        assert host_a.put_async(k, p, GEOM)
+    assert host_a.flush(5)
+    host_a.close()
+    host_b = _tier(tiers, server.url)
+    assert host_b.longest_prefix(keys) == 3
+    assert [bytes(g) for g in host_b.fetch(keys, GEOM)] == payloads
+
+
+def test_namespace_isolation(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    keys, payloads = _chunks(2, 100, seed=4)
+    a = _tier(tiers, server.url, namespace=NS_A)
+    b = _tier(tiers, server.url, namespace=NS_B)
+    assert a.put_async(keys[0], payloads[0], GEOM)
+    assert b.put_async(keys[0], payloads[1], GEOM)  # same chunk key, other model/tenant
+    assert a.flush(5) and b.flush(5)
+    assert [bytes(g) for g in a.fetch(keys[:1], GEOM)] == [payloads[0]]
+    assert [bytes(g) for g in b.fetch(keys[:1], GEOM)] == [payloads[1]]
+    assert a.longest_prefix(keys[1:]) == 0
+
+
+def _corruptions(value: bytes) -> dict[str, bytes]:
+    flipped = bytearray(value)
+    flipped[HEADER_BYTES + 17] ^= 0x01
+    wrong_version = bytearray(value)
+    wrong_version[4] += 1
+    return {
+        "flipped": bytes(flipped),
+        "truncated": value[:-1],
+        "header_only": value[: HEADER_BYTES - 1],
+        "wrong_geometry": encode_value(value[HEADER_BYTES:], b"another-geometry"),
+        "wrong_version": bytes(wrong_version),
+    }
+
+
+@pytest.mark.parametrize("kind", ["flipped", "truncated", "header_only", "wrong_geometry", "wrong_version"])
+def test_corrupt_value_rejected_counted_deleted(server: RedisServer, tiers: list[RemoteTier], kind: str) -> None:
+    tier = _tier(tiers, server.url)
+    keys, payloads = _chunks(3, 2048, seed=5)
+    for k, p in zip(keys, payloads):
+        assert tier.put_async(k, p, GEOM)
+    assert tier.flush(5)
+    raw = server.client()
+    bad_key = _redis_key(NS_A, keys[1])
+    raw.set(bad_key, _corruptions(raw.get(bad_key))[kind])
+    got = tier.fetch(keys, GEOM)
+    assert [bytes(g) for g in got] == payloads[:1]
+    assert tier.stats().corrupt_dropped == 1
+    assert raw.exists(bad_key) == 0
+    assert raw.get(_redis_key(NS_A, keys[2])) == encode_value(payloads[2], GEOM)
+
+
+def test_queue_full_drops_without_blocking(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url, max_queue=2, timeout_s=2.0)
+    keys, payloads = _chunks(10, 512, seed=6)
+    server.signal(signal.SIGSTOP)  # the writer's first SET hangs until the socket timeout
+    try:
+        assert tier.put_async(keys[0], payloads[0], GEOM)
+        deadline = time.monotonic() + 5
+        while tier._queue.qsize():  # wait until the writer holds item 0 in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        results = []
+        for k, p in zip(keys[1:], payloads[1:]):
+            t0 = time.monotonic()
+            results.append(tier.put_async(k, p, GEOM))
+            assert time.monotonic() - t0 < 0.05
+        assert results == [True, True] + [False] * 7
+        assert tier.stats().put_drops == 7
+    finally:
+        server.signal(signal.SIGCONT)
+    assert tier.flush(10)
+
+
+def test_queue_byte_budget_drops(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url, max_queue_bytes=1000)
+    keys, payloads = _chunks(1, 1001, seed=7)
+    assert not tier.put_async(keys[0], payloads[0], GEOM)
+    assert tier.stats().put_drops == 1
+
+
+def test_ttl_applied_and_expires(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url, ttl_s=30.0)
+    keys, payloads = _chunks(1, 100, seed=8)
+    assert tier.put_async(keys[0], payloads[0], GEOM)
+    assert tier.flush(5)
+    pttl = server.client().pttl(_redis_key(NS_A, keys[0]))
+    assert 29_000 < pttl <= 30_000
+    short = _tier(tiers, server.url, namespace=NS_B, ttl_s=0.3)
+    assert short.put_async(keys[0], payloads[0], GEOM)
+    assert short.flush(5)
+    assert short.longest_prefix(keys) == 1
+    time.sleep(0.5)
+    assert short.longest_prefix(keys) == 0
+    assert short.fetch(keys, GEOM) == []
+
+
+def test_namespace_byte_budget_trims_oldest(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    size = 1000
+    value_bytes = HEADER_BYTES + size
+    tier = _tier(tiers, server.url, max_namespace_bytes=3 * value_bytes)
+    other = _tier(tiers, server.url, namespace=NS_B, max_namespace_bytes=3 * value_bytes)
+    keys, payloads = _chunks(5, size, seed=9)
+    assert other.put_async(keys[0], payloads[0], GEOM)
+    for k, p in zip(keys, payloads):
+        assert tier.put_async(k, p, GEOM)
+        assert tier.flush(5)  # one at a time, so write order is age order
+    assert tier.put_async(keys[4], payloads[4], GEOM)  # a rewrite is not counted twice
+    assert tier.flush(5) and other.flush(5)
+    raw = server.client()
+    assert [raw.exists(_redis_key(NS_A, k)) for k in keys] == [0, 0, 1, 1, 1]
+    assert int(raw.get(b"lmc:" + NS_A.hex().encode() + b":m:bytes")) == 3 * value_bytes
+    assert tier.stats().evicted == 2
+    assert [bytes(g) for g in other.fetch(keys[:1], GEOM)] == payloads[:1]
+
+
+def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url)
+    keys, payloads = _chunks(8, 8 << 20, seed=10)
+    raw = server.client()
+    for k, p in zip(keys, payloads):
+        raw.set(_redis_key(NS_A, k), encode_value(p, GEOM))
+    result: list = []
+    done = threading.Event()
+
+    def fetch() -> None:
+        result.append(tier.fetch(keys, GEOM))
+        done.set()
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    time.sleep(0.05)
+    killed_at = time.monotonic()
+    server.signal(signal.SIGKILL)
+    assert done.wait(TIMEOUT_S + SLACK_S + 2.0)  # also bounded by the read that was running
+    worker.join()
+    elapsed = time.monotonic() - killed_at
+    got = result[0]
+    # Either the pipeline finished before the kill (all bytes exact) or it answered a miss.
+    assert [bytes(g) for g in got] in ([], payloads)
+    assert elapsed < TIMEOUT_S + SLACK_S + 2.0
+    t0 = time.monotonic()
+    assert tier.fetch(keys, GEOM) == []
+    assert tier.longest_prefix(keys) == 0
+    assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+
+
+def test_hung_server_bounded_by_timeout_then_breaker(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url, backoff_initial_s=5.0, backoff_max_s=5.0)
+    keys, payloads = _chunks(4, 256, seed=11)
+    assert tier.longest_prefix(keys) == 0  # opens the pooled connection while healthy
+    server.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert tier.longest_prefix(keys) == 0
+        assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+        assert tier.stats().errors == 1 and tier.stats().breaker_open
+        t0 = time.monotonic()
+        assert tier.fetch(keys, GEOM) == []  # breaker open: no network wait at all
+        assert time.monotonic() - t0 < 0.05
+        assert tier.stats().skipped == 1
+    finally:
+        server.signal(signal.SIGCONT)
+
+
+def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url)
+    keys, payloads = _chunks(6, 4 << 20, seed=12)
+    for k, p in zip(keys, payloads):
+        assert tier.put_async(k, p, GEOM)
+    time.sleep(0.02)
+    server.signal(signal.SIGKILL)
+    server.proc.wait(timeout=5)
+    t0 = time.monotonic()
+    assert tier.flush(5)
+    assert time.monotonic() - t0 < 6 * (TIMEOUT_S + SLACK_S)
+    s = tier.stats()
+    assert s.puts + s.put_errors == 6 and s.put_errors >= 1
+    assert tier.longest_prefix(keys) == 0
+    assert tier.fetch(keys, GEOM) == []
+
+    server.start()  # same port, empty data set (no persistence)
+    deadline = time.monotonic() + 5
+    while tier.stats().breaker_open:  # the monitor thread reconnects in the background
+        assert time.monotonic() < deadline, "breaker did not close after the restart"
+        time.sleep(0.02)
+    assert tier.longest_prefix(keys) == 0
+    for k, p in zip(keys[:2], payloads[:2]):
+        assert tier.put_async(k, p, GEOM)
+    assert tier.flush(5)
+    assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads[:2]
+
+
+def test_server_down_at_start_degrades_then_connects(tmp_path: Path, tiers: list[RemoteTier]) -> None:
+    srv = RedisServer(tmp_path)
+    try:
+        tier = _tier(tiers, srv.url)
+        keys, payloads = _chunks(1, 64, seed=13)
+        t0 = time.monotonic()
+        assert tier.longest_prefix(keys) == 0
+        assert tier.put_async(keys[0], payloads[0], GEOM)
+        assert tier.flush(5)
+        assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+        assert tier.stats().put_errors == 1
+        srv.start()
+        deadline = time.monotonic() + 5
+        while tier.stats().breaker_open:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert tier.put_async(keys[0], payloads[0], GEOM)
+        assert tier.flush(5)
+        assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads
+    finally:
+        srv.stop()
+
+
+def test_cluster_url(tmp_path: Path, tiers: list[RemoteTier]) -> None:
+    srv = RedisServer(tmp_path, ("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")))
+    srv.start()
+    try:
+        raw = srv.client()
+        raw.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in raw.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        tier = _tier(tiers, f"redis+cluster://127.0.0.1:{srv.port}", max_namespace_bytes=2 * (HEADER_BYTES + 300))
+        keys, payloads = _chunks(3, 300, seed=14)
+        for k, p in zip(keys, payloads):
+            assert tier.put_async(k, p, GEOM)
+            assert tier.flush(5)
+        assert tier.longest_prefix(keys[1:]) == 2
+        assert [bytes(g) for g in tier.fetch(keys[1:], GEOM)] == payloads[1:]
+        assert tier.longest_prefix(keys) == 0  # the oldest was trimmed by the budget
+        assert tier.stats().errors == 0
+    finally:
+        srv.stop()
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        RemoteTier("redis://127.0.0.1:1/0", namespace=b"")
+    with pytest.raises(ValueError, match="timeout_s"):
+        RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, timeout_s=0)
+    with pytest.raises(ValueError, match="tls"):
+        from lmc_transfer.remote_tier import TLSOptions
+
+        RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, tls=TLSOptions())
+    tier = RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A)
+    try:
+        with pytest.raises(TypeError, match="keys\\[1\\]"):
+            tier.longest_prefix([b"k", "k"])
+        with pytest.raises(TypeError, match="geometry_digest"):
+            tier.fetch([b"k"], b"")
+    finally:
+        tier.close()
