@@ -1,0 +1,423 @@
+"""Triton gather/scatter between engine KV slots and chunk slabs, and its launcher.
+
+One kernel serves both directions (``GATHER`` constexpr) and every layout: the
+engine side is a table of plane base addresses per layer, the slab side a table
+of slab base addresses per chunk. All addresses are passed as int32-word offsets
+from one anchor tensor, so the kernel does plain pointer arithmetic from an
+argument whose 16-byte alignment Triton knows, and the 16-byte vector accesses
+survive (host memory is reached through its unified virtual address).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import ACCESS_BYTES, KVBuffers
+from .reference import reference_copy
+
+WORD_BYTES = 4
+WORDS_PER_ACCESS = ACCESS_BYTES // WORD_BYTES
+#: Default cap on persistent programs; 16 already saturates PCIe (measured in benchmarks/RESULTS.md)
+#: while leaving the SMs to the engine's compute.
+DEFAULT_MAX_PROGRAMS = 16
+_MAX_BLOCK_WORDS = 1024
+
+
+@triton.jit
+def _kv_copy_kernel(
+    anchor_ptr,  # *int32: every address below is a word offset from this pointer
+    plane_off_ptr,  # *int64 [num_layers_total * NUM_PLANES]
+    slots_ptr,  # *int64 [num_tokens]
+    slab_off_ptr,  # *int64 [num_slabs]
+    error_ptr,  # *int32 [1]: set to 1 when a slot is past the buffer
+    num_tokens,
+    token_offset,
+    chunk_size,
+    layer_start,
+    num_layers,
+    slab_first_layer,
+    num_slots,
+    row_words_0,
+    row_words_1,
+    NUM_PLANES: tl.constexpr,
+    GATHER: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    i_prog = tl.program_id(0).to(tl.int64)
+    n_prog = tl.num_programs(0).to(tl.int64)
+    n_tblocks = tl.cdiv(num_tokens, BLOCK_T)
+    n_tiles = num_layers * NUM_PLANES * n_tblocks
+    layer_words = chunk_size * (row_words_0 + row_words_1)
+    o_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    o_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), BLOCK_W), BLOCK_W).to(tl.int64)
+    for i_tile in range(i_prog, n_tiles, n_prog):
+        i_tblock = i_tile % n_tblocks
+        i_lp = i_tile // n_tblocks
+        i_plane = i_lp % NUM_PLANES
+        i_layer = layer_start + i_lp // NUM_PLANES
+        row_words = tl.where(i_plane == 0, row_words_0, row_words_1).to(tl.int64)
+        plane_in_layer = tl.where(i_plane == 0, 0, chunk_size * row_words_0).to(tl.int64)
+
+        i_tok = i_tblock * BLOCK_T + o_t
+        m_tok = i_tok < num_tokens
+        b_slot = tl.load(slots_ptr + i_tok, mask=m_tok, other=-1)
+        m_bad = m_tok & (b_slot >= num_slots)
+        if tl.max(m_bad.to(tl.int32), axis=0) > 0:
+            tl.store(error_ptr, 1)
+        m_row = m_tok & (b_slot >= 0) & (b_slot < num_slots)
+
+        pos = token_offset + i_tok
+        i_slab = pos // chunk_size
+        b_slab = tl.load(slab_off_ptr + i_slab, mask=m_row, other=0)
+        plane_base = tl.load(plane_off_ptr + i_layer * NUM_PLANES + i_plane)
+        o_kv_row = tl.multiple_of(plane_base + b_slot * row_words, 4)
+        o_slab_row = tl.multiple_of(
+            b_slab + (i_layer - slab_first_layer) * layer_words + plane_in_layer + (pos % chunk_size) * row_words, 4
+        )
+        for w0 in range(0, row_words, BLOCK_W):
+            o_word = w0 + o_w
+            m = m_row[:, None] & (o_word < row_words)[None, :]
+            p_kv = anchor_ptr + (o_kv_row[:, None] + o_word[None, :])
+            p_slab = anchor_ptr + (o_slab_row[:, None] + o_word[None, :])
+            if GATHER:
+                tl.store(p_slab, tl.load(p_kv, mask=m), mask=m)
+            else:
+                tl.store(p_kv, tl.load(p_slab, mask=m), mask=m)
+
+
+class Direction(str, enum.Enum):
+    GATHER = "gather"  # engine slots -> slabs
+    SCATTER = "scatter"  # slabs -> engine slots
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"  # Triton on CUDA tensors or under TRITON_INTERPRET=1, else the torch reference
+    TRITON = "triton"
+    TORCH = "torch"
+
+
+class SlotRangeError(IndexError):
+    """A slot index points past the end of the engine's buffers."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_anchors: dict[torch.device, torch.Tensor] = {}
+
+
+def _anchor(device: torch.device) -> torch.Tensor:
+    anchor = _anchors.get(device)
+    if anchor is None:
+        anchor = torch.zeros(ACCESS_BYTES // WORD_BYTES, dtype=torch.int32, device=device)
+        _anchors[device] = anchor
+    return anchor
+
+
+def _word_offsets(addresses: Sequence[int], anchor: torch.Tensor) -> torch.Tensor:
+    base = anchor.data_ptr()
+    offsets = [(a - base) // WORD_BYTES for a in addresses]
+    table = torch.tensor(offsets, dtype=torch.int64, pin_memory=anchor.is_cuda)
+    return table.to(anchor.device, non_blocking=True)
+
+
+_plane_tables: dict[int, tuple[KVBuffers, torch.Tensor]] = {}
+
+
+def _plane_table(buffers: KVBuffers) -> torch.Tensor:
+    cached = _plane_tables.get(id(buffers))
+    if cached is not None and cached[0] is buffers:
+        return cached[1]
+    addresses = [t.data_ptr() for planes in buffers.planes for t in planes]
+    table = _word_offsets(addresses, _anchor(buffers.device))
+    _plane_tables[id(buffers)] = (buffers, table)
+    return table
+
+
+class SlotErrorFlag:
+    """A device-side flag the kernel sets when it skipped a slot past the buffer.
+
+    Reading it syncs with the device, so callers check it off the hot path.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.tensor = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def is_set(self) -> bool:
+        return bool(self.tensor.item())
+
+    def reset(self) -> None:
+        self.tensor.zero_()
+
+
+@dataclass(eq=False)
+class CopyPlan:
+    """A validated transfer: build it once, then run it for all layers or layer by layer."""
+
+    buffers: KVBuffers
+    slots: torch.Tensor
+    slabs: tuple[torch.Tensor, ...]
+    chunk_size: int
+    token_offset: int
+    slab_first_layer: int
+    slab_layer_count: int
+    error_flag: SlotErrorFlag
+    slab_table: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.numel()
+
+    @property
+    def nbytes_per_layer(self) -> int:
+        return self.num_tokens * self.buffers.geometry.token_bytes_per_layer
+
+
+def _check_slab(i: int, slab: torch.Tensor, needed: int, buffers: KVBuffers) -> None:
+    if not isinstance(slab, torch.Tensor):
+        raise TypeError(f"slabs[{i}]: expected a torch.Tensor, got {type(slab).__name__}")
+    if not slab.is_contiguous():
+        raise ValueError(f"slabs[{i}]: expected a contiguous tensor, got strides {slab.stride()}")
+    nbytes = slab.numel() * slab.element_size()
+    if nbytes < needed:
+        raise ValueError(f"slabs[{i}]: expected at least {needed} bytes, got {nbytes}")
+    if slab.data_ptr() % ACCESS_BYTES:
+        raise ValueError(
+            f"slabs[{i}]: base address must be {ACCESS_BYTES}-byte aligned, got address % {ACCESS_BYTES} = "
+            f"{slab.data_ptr() % ACCESS_BYTES}"
+        )
+    device = buffers.device
+    if device.type == "cuda":
+        if slab.device.type == "cuda":
+            if slab.device != device:
+                raise ValueError(f"slabs[{i}]: expected device {device} or pinned host memory, got {slab.device}")
+        elif not slab.is_pinned():
+            raise ValueError(
+                f"slabs[{i}]: host memory must be pinned or cudaHostRegister-ed so the GPU can address it; "
+                "got pageable memory"
+            )
+    elif slab.device != device:
+        raise ValueError(f"slabs[{i}]: expected device {device} like the KV buffers, got {slab.device}")
+
+
+def _check_layers(layers: range, num_layers: int, what: str = "layers") -> None:
+    if not isinstance(layers, range) or layers.step != 1:
+        raise TypeError(f"{what}: expected a range with step 1, got {layers!r}")
+    if len(layers) == 0 or layers.start < 0 or layers.stop > num_layers:
+        raise ValueError(f"{what}: expected a non-empty range within [0, {num_layers}), got {layers!r}")
+
+
+def plan_copy(
+    buffers: KVBuffers,
+    slots: torch.Tensor,
+    slabs: Sequence[torch.Tensor],
+    *,
+    chunk_size: int,
+    token_offset: int = 0,
+    slab_layers: range | None = None,
+    validate: bool = False,
+    error_flag: SlotErrorFlag | None = None,
+) -> CopyPlan:
+    """Validate a transfer once.
+
+    ``slab_layers`` is the range of layers each slab holds (default: all); a slab
+    holding fewer layers (a staging piece) starts with layer ``slab_layers.start``.
+    ``validate=True`` checks every slot against the buffer now (a device sync) and
+    raises ``SlotRangeError`` naming the first bad position.
+    """
+    if not isinstance(buffers, KVBuffers):
+        raise TypeError(f"buffers: expected KVBuffers, got {type(buffers).__name__}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    if not isinstance(token_offset, int) or not 0 <= token_offset < chunk_size:
+        raise ValueError(f"token_offset: expected an int in [0, {chunk_size}), got {token_offset!r}")
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots: expected a torch.Tensor, got {type(slots).__name__}")
+    if slots.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"slots: expected dtype torch.int64 or torch.int32, got {slots.dtype}")
+    if slots.dim() != 1:
+        raise ValueError(f"slots: expected a 1-D tensor, got shape {tuple(slots.shape)}")
+    if slots.device != buffers.device:
+        raise ValueError(f"slots: expected device {buffers.device} like the KV buffers, got {slots.device}")
+    slots = slots.to(torch.int64).contiguous()
+    slab_layers = range(buffers.num_layers) if slab_layers is None else slab_layers
+    _check_layers(slab_layers, buffers.num_layers, "slab_layers")
+    geometry = buffers.geometry
+    needed_slabs = (token_offset + slots.numel() + chunk_size - 1) // chunk_size if slots.numel() else 0
+    slabs = tuple(slabs)
+    if len(slabs) != needed_slabs:
+        raise ValueError(
+            f"slabs: {slots.numel()} tokens from row {token_offset} with chunk_size {chunk_size} touch "
+            f"{needed_slabs} chunks, got {len(slabs)} slabs"
+        )
+    needed_bytes = len(slab_layers) * geometry.layer_bytes(chunk_size)
+    for i, slab in enumerate(slabs):
+        _check_slab(i, slab, needed_bytes, buffers)
+    if validate and slots.numel():
+        bad = torch.nonzero(slots >= buffers.num_slots)
+        if bad.numel():
+            pos = int(bad[0, 0])
+            raise SlotRangeError(
+                f"slots[{pos}] = {int(slots[pos])} is past the end of the KV buffers ({buffers.num_slots} slots)"
+            )
+    return CopyPlan(
+        buffers=buffers,
+        slots=slots,
+        slabs=slabs,
+        chunk_size=chunk_size,
+        token_offset=token_offset,
+        slab_first_layer=slab_layers.start,
+        slab_layer_count=len(slab_layers),
+        error_flag=error_flag or SlotErrorFlag(buffers.device),
+    )
+
+
+def _use_triton(plan: CopyPlan, backend: Backend) -> bool:
+    if backend is Backend.TORCH:
+        return False
+    on_cuda = plan.buffers.device.type == "cuda"
+    if backend is Backend.TRITON:
+        if not (on_cuda or _interpreting()):
+            raise ValueError("backend=triton needs CUDA tensors or TRITON_INTERPRET=1, got CPU tensors")
+        return True
+    return on_cuda or _interpreting()
+
+
+def _block_words(row_words: int) -> int:
+    return min(_MAX_BLOCK_WORDS, triton.next_power_of_2(row_words))
+
+
+def run_copy(
+    plan: CopyPlan,
+    direction: Direction,
+    *,
+    layers: range | None = None,
+    max_programs: int | None = None,
+    backend: Backend = Backend.AUTO,
+) -> None:
+    """Enqueue the copy for ``layers`` (default: every layer the slabs hold) on the current stream."""
+    first, count = plan.slab_first_layer, plan.slab_layer_count
+    layers = range(first, first + count) if layers is None else layers
+    _check_layers(layers, plan.buffers.num_layers)
+    if layers.start < first or layers.stop > first + count:
+        raise ValueError(f"layers: the slabs hold layers {range(first, first + count)!r}, got {layers!r}")
+    if max_programs is not None and (not isinstance(max_programs, int) or max_programs <= 0):
+        raise ValueError(f"max_programs: expected a positive int or None, got {max_programs!r}")
+    if plan.num_tokens == 0:
+        return
+    gather = Direction(direction) is Direction.GATHER
+    if not _use_triton(plan, Backend(backend)):
+        if reference_copy(
+            plan.buffers,
+            plan.slots,
+            plan.slabs,
+            chunk_size=plan.chunk_size,
+            token_offset=plan.token_offset,
+            layers=layers,
+            slab_first_layer=first,
+            gather=gather,
+        ):
+            plan.error_flag.tensor.fill_(1)
+        return
+    geometry = plan.buffers.geometry
+    anchor = _anchor(plan.buffers.device)
+    if plan.slab_table is None:
+        plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor)
+    row_words = [b // WORD_BYTES for b in geometry.plane_row_bytes]
+    num_planes = len(row_words)
+    row_words_1 = row_words[1] if num_planes > 1 else 0
+    block_t = 4 if max(row_words) >= 256 else 16
+    n_tiles = len(layers) * num_planes * triton.cdiv(plan.num_tokens, block_t)
+    cap = max_programs or DEFAULT_MAX_PROGRAMS
+    grid = (min(n_tiles, cap),)
+    _kv_copy_kernel[grid](
+        anchor_ptr=anchor,
+        plane_off_ptr=_plane_table(plan.buffers),
+        slots_ptr=plan.slots,
+        slab_off_ptr=plan.slab_table,
+        error_ptr=plan.error_flag.tensor,
+        num_tokens=plan.num_tokens,
+        token_offset=plan.token_offset,
+        chunk_size=plan.chunk_size,
+        layer_start=layers.start,
+        num_layers=len(layers),
+        slab_first_layer=first,
+        num_slots=plan.buffers.num_slots,
+        row_words_0=row_words[0],
+        row_words_1=row_words_1,
+        NUM_PLANES=num_planes,
+        GATHER=gather,
+        BLOCK_T=block_t,
+        BLOCK_W=_block_words(max(row_words)),
+        num_warps=4,
+    )
+
+
+def _copy(
+    direction: Direction,
+    buffers: KVBuffers,
+    slots: torch.Tensor,
+    slabs: Sequence[torch.Tensor],
+    *,
+    chunk_size: int,
+    token_offset: int,
+    layers: range | None,
+    validate: bool,
+    max_programs: int | None,
+    error_flag: SlotErrorFlag | None,
+    backend: Backend,
+) -> CopyPlan:
+    plan = plan_copy(
+        buffers, slots, slabs, chunk_size=chunk_size, token_offset=token_offset, validate=validate, error_flag=error_flag
+    )
+    run_copy(plan, direction, layers=layers, max_programs=max_programs, backend=backend)
+    return plan
+
+
+def gather(
+    buffers: KVBuffers,
+    slots: torch.Tensor,
+    slabs: Sequence[torch.Tensor],
+    *,
+    chunk_size: int,
+    token_offset: int = 0,
+    layers: range | None = None,
+    validate: bool = False,
+    max_programs: int | None = None,
+    error_flag: SlotErrorFlag | None = None,
+    backend: Backend = Backend.AUTO,
+) -> CopyPlan:
+    """Copy the rows of ``slots`` from the engine's KV buffers into chunk slabs."""
+    return _copy(
+        Direction.GATHER, buffers, slots, slabs, chunk_size=chunk_size, token_offset=token_offset, layers=layers,
+        validate=validate, max_programs=max_programs, error_flag=error_flag, backend=backend,
+    )
+
+
+def scatter(
+    buffers: KVBuffers,
+    slots: torch.Tensor,
+    slabs: Sequence[torch.Tensor],
+    *,
+    chunk_size: int,
+    token_offset: int = 0,
+    layers: range | None = None,
+    validate: bool = False,
+    max_programs: int | None = None,
+    error_flag: SlotErrorFlag | None = None,
+    backend: Backend = Backend.AUTO,
+) -> CopyPlan:
+    """Copy chunk slab rows into the engine's KV buffers at ``slots``."""
+    return _copy(
+        Direction.SCATTER, buffers, slots, slabs, chunk_size=chunk_size, token_offset=token_offset, layers=layers,
+        validate=validate, max_programs=max_programs, error_flag=error_flag, backend=backend,
+    )
