@@ -1,0 +1,466 @@
+"""The MP-mode cache daemon: one slab pool in shared memory, served over ZMQ.
+
+    python -m lmc_transfer.server --config configs/example_config_mp.yaml
+    lmc-transfer server --config configs/example_config_mp.yaml
+
+Endpoint: ``config.mp_url``: ``ipc://<mp_socket>`` when ``mp_socket`` is set (the
+socket file gets mode 0600, its directory is created 0700), else
+``tcp://<mp_host>:<mp_port>``, which must be a loopback address unless
+``allow_remote_tcp`` is true.
+
+The pool does not exist until the first HELLO: its geometry (and so the slab size)
+comes from the engine. The segment then holds ``max_local_cpu_size // slab_bytes``
+slabs; a later HELLO with another geometry or chunk size is refused. Every HELLO
+reply carries the daemon's ``epoch`` (random per start); requests that touch the
+pool must echo it, so a client of a previous daemon is told to HELLO again
+instead of using lease or slab ids that mean something else now.
+
+The loop is single-threaded: requests are handled one at a time (each is a few
+dictionary operations; disk promotions read files inline). Leases and
+reservations expire (``lease_ttl_s``), so a dead engine pins nothing for long.
+Any request that fails to parse or validate gets an error reply; the daemon
+never dies on input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from lmc_transfer.config import LMCTransferConfig, load_config
+from lmc_transfer.disk_tier import DiskTier, geometry_digest
+from lmc_transfer.kernels import KVGeometry
+from lmc_transfer.pool import SlabPool
+from lmc_transfer.protocol import (
+    MAX_HEADER_BYTES,
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    Reply,
+    Request,
+    body_dict,
+    body_int,
+    body_str,
+    check_body_fields,
+    check_token,
+    decode_request,
+    encode_reply,
+    is_int,
+)
+from lmc_transfer.shm import SharedSegment
+
+log = logging.getLogger("lmc_transfer.server")
+
+#: Frames above this size make ZMQ drop the connection before we see them (memory
+#: guard); anything smaller that breaks the protocol gets an error reply.
+MAX_FRAME_BYTES = 1 << 20
+_POLL_MS = 100
+_CLIENT_IDLE_S = 600.0
+_MAX_CLIENTS = 4096
+
+
+@dataclass
+class DaemonCounters:
+    requests: int = 0
+    errors: int = 0
+    lookups: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    reserved_chunks: int = 0
+    committed_chunks: int = 0
+    committed_bytes: int = 0
+    disk_promotions: int = 0
+
+
+@dataclass
+class _Pool:
+    """Everything that exists once the first HELLO has fixed the geometry."""
+
+    geometry: KVGeometry
+    digest: bytes
+    segment: SharedSegment
+    pool: SlabPool
+    disk: DiskTier | None
+
+
+def check_bind_address(config: LMCTransferConfig) -> str:
+    """The endpoint to bind; refuses a non-loopback TCP host unless allowed."""
+    url = config.mp_url
+    if url.startswith("tcp://") and not config.allow_remote_tcp:
+        host = config.mp_host
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"mp_host must be a loopback address unless allow_remote_tcp is true, got {host!r}")
+    return url
+
+
+class CacheDaemon:
+    """Request handling plus the socket loop; ``handle`` is usable without a socket."""
+
+    def __init__(self, config: LMCTransferConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.epoch = secrets.token_hex(8)
+        self.counters = DaemonCounters()
+        self._clock = clock
+        self._state: _Pool | None = None
+        self._clients: dict[str, float] = {}  # client_id -> last seen
+        self._ctx: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._ipc_path: Path | None = None
+        self.endpoint: str | None = None
+
+    # -- socket --------------------------------------------------------------
+
+    def bind(self) -> str:
+        url = check_bind_address(self.config)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        # Replies to a peer that stopped reading are dropped, never block the loop.
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        if url.startswith("ipc://"):
+            path = Path(url.removeprefix("ipc://"))
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            old_umask = os.umask(0o177)  # the socket file is created 0600, no window
+            try:
+                sock.bind(url)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)
+            self._ipc_path = path
+        else:
+            sock.bind(url)
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("lmc-transfer daemon listening on %s (pid %d, epoch %s)", self.endpoint, os.getpid(), self.epoch)
+        return self.endpoint
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        assert self._socket is not None, "bind() first"
+        sock = self._socket
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_expire = 0.0
+        while not stop.is_set():
+            if poller.poll(_POLL_MS):
+                # Drain what is queued, bounded so expiry keeps running under load.
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if len(frames) < 2:
+                        continue  # no identity + payload: nothing to reply to
+                    reply = self.handle(frames[1:])
+                    try:
+                        sock.send_multipart([frames[0], *reply], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # the peer is gone or not reading; it will time out
+            now = self._clock()
+            if now >= next_expire:
+                next_expire = now + _POLL_MS / 1000
+                if self._state is not None:
+                    self._state.pool.expire()
+
+    def close(self) -> None:
+        """Flush the disk tier, unlink the segment and the ipc socket; idempotent."""
+        if self._state is not None:
+            if self._state.disk is not None:
+                self._state.disk.close()
+            self._state.segment.close()
+            log.info("unlinked segment %s", self._state.segment.name)
+            self._state = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._ipc_path is not None:
+            self._ipc_path.unlink(missing_ok=True)
+            self._ipc_path = None
+
+    # -- requests ------------------------------------------------------------
+
+    def handle(self, frames: list[bytes]) -> list[bytes]:
+        """One request's frames (without the routing identity) -> reply frames."""
+        self.counters.requests += 1
+        try:
+            request = decode_request(frames)
+            check_token(self.config.mp_auth_token, request.token)
+            body = self._dispatch(request)
+            return encode_reply(Reply(request_id=request.request_id, ok=True, body=body))
+        except ProtocolError as exc:
+            self.counters.errors += 1
+            return encode_reply(Reply(request_id=_best_effort_id(frames), ok=False, code=exc.code, error=str(exc)))
+        except Exception as exc:  # never die on a request
+            self.counters.errors += 1
+            log.exception("internal error while handling a request")
+            return encode_reply(
+                Reply(request_id=_best_effort_id(frames), ok=False, code=ErrorCode.INTERNAL, error=f"{type(exc).__name__}: {exc}")
+            )
+
+    def _dispatch(self, request: Request) -> dict[str, Any]:
+        handlers: dict[MsgType, Callable[[Request], dict[str, Any]]] = {
+            MsgType.HELLO: self._hello,
+            MsgType.PING: self._ping,
+            MsgType.STATS: self._stats,
+            MsgType.CLEAR: self._clear,
+            MsgType.LOOKUP: self._lookup,
+            MsgType.RESERVE: self._reserve,
+            MsgType.COMMIT: self._commit,
+            MsgType.ABORT: self._abort,
+            MsgType.RELEASE: self._release,
+        }
+        return handlers[request.type](request)
+
+    def _require_pool(self, request: Request, fields: tuple[str, ...]) -> _Pool:
+        check_body_fields(request.body, ("epoch", *fields), request.type)
+        epoch = body_str(request.body, "epoch", max_len=64)
+        if self._state is None or epoch != self.epoch:
+            raise ProtocolError(
+                f"{request.type.value} needs a HELLO to this daemon first (epoch {epoch!r:.64} is not the current one)",
+                code=ErrorCode.HELLO_REQUIRED,
+            )
+        return self._state
+
+    def _hello(self, request: Request) -> dict[str, Any]:
+        check_body_fields(request.body, ("geometry", "chunk_size", "client_id"), request.type)
+        chunk_size = body_int(request.body, "chunk_size", minimum=1)
+        client_id = body_str(request.body, "client_id", max_len=128)
+        try:
+            geometry = KVGeometry.from_dict(body_dict(request.body, "geometry"))
+            slab_bytes = geometry.slab_bytes(chunk_size)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ProtocolError(f"HELLO geometry is invalid: {exc}", code=ErrorCode.GEOMETRY) from None
+        if chunk_size != self.config.chunk_size:
+            raise ProtocolError(
+                f"chunk_size must be the daemon's {self.config.chunk_size}, got {chunk_size}", code=ErrorCode.GEOMETRY
+            )
+        digest = geometry_digest(geometry, chunk_size)
+        if self._state is None:
+            self._state = self._create_pool(geometry, digest, slab_bytes)
+        elif digest != self._state.digest:
+            raise ProtocolError(
+                f"geometry {geometry.to_dict()} differs from the pool's {self._state.geometry.to_dict()}",
+                code=ErrorCode.GEOMETRY,
+            )
+        self._touch_client(client_id)
+        state = self._state
+        return {
+            "epoch": self.epoch,
+            "segment": state.segment.name,
+            "num_slabs": state.segment.num_slabs,
+            "slab_bytes": state.segment.slab_bytes,
+            "chunk_size": chunk_size,
+            "lease_ttl_s": self.config.lease_ttl_s,
+        }
+
+    def _create_pool(self, geometry: KVGeometry, digest: bytes, slab_bytes: int) -> _Pool:
+        num_slabs = self.config.max_local_cpu_bytes // slab_bytes
+        if num_slabs < 1:
+            raise ProtocolError(
+                f"max_local_cpu_size ({self.config.max_local_cpu_bytes} bytes) cannot hold one slab of {slab_bytes} bytes",
+                code=ErrorCode.GEOMETRY,
+            )
+        segment = SharedSegment.create(num_slabs, slab_bytes)
+        try:
+            disk = None
+            if self.config.local_disk is not None and self.config.max_local_disk_bytes > 0:
+                disk = DiskTier(
+                    self.config.local_disk,
+                    self.config.max_local_disk_bytes,
+                    digest,
+                    segment.data,
+                    segment.generations,
+                    slab_bytes,
+                )
+            pool = SlabPool(
+                segment.data,
+                segment.generations,
+                slab_bytes,
+                clock=self._clock,
+                on_commit=disk.submit if disk is not None else None,
+            )
+        except BaseException:
+            segment.close()
+            raise
+        log.info(
+            "pool: %d slabs x %d bytes (%.2f GB) in segment %s; geometry %s; disk tier %s",
+            num_slabs,
+            slab_bytes,
+            num_slabs * slab_bytes / 1024**3,
+            segment.name,
+            geometry.to_dict(),
+            disk.directory if disk is not None else "off",
+        )
+        return _Pool(geometry, digest, segment, pool, disk)
+
+    def _touch_client(self, client_id: str) -> None:
+        now = self._clock()
+        self._clients[client_id] = now
+        if len(self._clients) > _MAX_CLIENTS or len(self._clients) % 64 == 0:
+            idle = [c for c, seen in self._clients.items() if now - seen > _CLIENT_IDLE_S]
+            for c in idle:
+                del self._clients[c]
+            while len(self._clients) > _MAX_CLIENTS:
+                del self._clients[next(iter(self._clients))]
+
+    def _ping(self, request: Request) -> dict[str, Any]:
+        check_body_fields(request.body, (), request.type)
+        return {"pid": os.getpid(), "epoch": self.epoch, "ready": self._state is not None}
+
+    def _clear(self, request: Request) -> dict[str, Any]:
+        check_body_fields(request.body, (), request.type)
+        return {"cleared": self._state.pool.clear() if self._state is not None else 0}
+
+    def _lookup(self, request: Request) -> dict[str, Any]:
+        state = self._require_pool(request, ())
+        keys = list(request.keys)
+        pool = state.pool
+        lease = pool.lookup(keys, self.config.lease_ttl_s)
+        if lease.num_chunks < len(keys) and state.disk is not None and self._promote(state, keys, lease.num_chunks):
+            first = lease
+            lease = pool.lookup(keys, self.config.lease_ttl_s)
+            pool.release(first.lease_id)
+        self.counters.lookups += 1
+        self.counters.hit_chunks += lease.num_chunks
+        self.counters.miss_chunks += len(keys) - lease.num_chunks
+        return {
+            "lease_id": lease.lease_id,
+            "slab_ids": list(lease.slab_ids),
+            "generations": list(lease.generations),
+            "ttl_s": self.config.lease_ttl_s,
+        }
+
+    def _promote(self, state: _Pool, keys: list[bytes], start: int) -> bool:
+        """Load the disk-resident run of keys after the L1 prefix into L1; True if any."""
+        assert state.disk is not None
+        promoted = 0
+        for key in keys[start:]:
+            if state.pool.contains(key):
+                continue
+            if not state.disk.contains(key):
+                break
+            res = state.pool.reserve([key], self.config.lease_ttl_s)
+            if res.num_chunks == 0:
+                break
+            if not state.disk.load_into(key, state.pool.slab(res.slab_ids[0])):
+                state.pool.abort(res.reservation_id)
+                break
+            state.pool.commit(res.reservation_id)
+            promoted += 1
+        self.counters.disk_promotions += promoted
+        return promoted > 0
+
+    def _reserve(self, request: Request) -> dict[str, Any]:
+        state = self._require_pool(request, ())
+        res = state.pool.reserve(list(request.keys), self.config.lease_ttl_s)
+        self.counters.reserved_chunks += res.num_chunks
+        return {
+            "reservation_id": res.reservation_id,
+            "chunk_indices": list(res.chunk_indices),
+            "slab_ids": list(res.slab_ids),
+            "generations": list(res.generations),
+            "ttl_s": self.config.lease_ttl_s,
+        }
+
+    def _commit(self, request: Request) -> dict[str, Any]:
+        state = self._require_pool(request, ("reservation_id",))
+        committed = state.pool.commit(body_int(request.body, "reservation_id"))
+        self.counters.committed_chunks += committed
+        self.counters.committed_bytes += committed * state.segment.slab_bytes
+        return {"committed": committed}
+
+    def _abort(self, request: Request) -> dict[str, Any]:
+        state = self._require_pool(request, ("reservation_id",))
+        state.pool.abort(body_int(request.body, "reservation_id"))
+        return {}
+
+    def _release(self, request: Request) -> dict[str, Any]:
+        state = self._require_pool(request, ("lease_id",))
+        state.pool.release(body_int(request.body, "lease_id"))
+        return {}
+
+    def _stats(self, request: Request) -> dict[str, Any]:
+        check_body_fields(request.body, (), request.type)
+        now = self._clock()
+        counters = asdict(self.counters)
+        looked_up = self.counters.hit_chunks + self.counters.miss_chunks
+        out: dict[str, Any] = {
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "endpoint": self.endpoint,
+            "counters": counters,
+            "hit_rate": self.counters.hit_chunks / looked_up if looked_up else 0.0,
+            "clients": sum(1 for seen in self._clients.values() if now - seen <= _CLIENT_IDLE_S),
+            "pool": None,
+            "segment": None,
+            "disk": None,
+        }
+        if self._state is not None:
+            pool_stats = asdict(self._state.pool.stats())
+            pool_stats["slab_bytes"] = self._state.segment.slab_bytes
+            pool_stats["committed_bytes"] = pool_stats["committed_chunks"] * self._state.segment.slab_bytes
+            out["pool"] = pool_stats
+            out["segment"] = self._state.segment.name
+            if self._state.disk is not None:
+                out["disk"] = asdict(self._state.disk.stats())
+        return out
+
+
+def _best_effort_id(frames: list[bytes]) -> int:
+    """The request id of a rejected message when its header says one, else 0."""
+    try:
+        if frames and len(frames[0]) <= MAX_HEADER_BYTES:
+            request_id = json.loads(bytes(frames[0]).decode("utf-8")).get("id")
+            if is_int(request_id) and 0 <= request_id < 2**53:
+                return request_id
+    except Exception:
+        pass
+    return 0
+
+
+def serve(config: LMCTransferConfig, *, stop: threading.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set), then clean up."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    daemon = CacheDaemon(config)
+    try:
+        daemon.bind()
+        daemon.serve_forever(stop)
+        log.info("shutting down")
+    finally:
+        daemon.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmc_transfer.server", description="Run the lmc-transfer MP cache daemon.")
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/example_config_mp.yaml)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(load_config(args.config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
