@@ -286,13 +286,11 @@ def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers
     time.sleep(0.05)
     killed_at = time.monotonic()
     server.signal(signal.SIGKILL)
-    assert done.wait(TIMEOUT_S + SLACK_S + 2.0)  # also bounded by the read that was running
+    assert done.wait(TIMEOUT_S + SLACK_S)
     worker.join()
-    elapsed = time.monotonic() - killed_at
-    got = result[0]
-    # Either the pipeline finished before the kill (all bytes exact) or it answered a miss.
-    assert [bytes(g) for g in got] in ([], payloads)
-    assert elapsed < TIMEOUT_S + SLACK_S + 2.0
+    assert time.monotonic() - killed_at < TIMEOUT_S + SLACK_S
+    assert result[0] == []  # the kill lands while the 64 MiB reply is being read
+    assert (tier.stats().errors, tier.stats().hits) == (1, 0)
     t0 = time.monotonic()
     assert tier.fetch(keys, GEOM) == []
     assert tier.longest_prefix(keys) == 0
