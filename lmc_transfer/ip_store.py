@@ -1,0 +1,197 @@
+"""The in-process (IP) store: slab pool and index in the engine process.
+
+Host memory is one pinned buffer when the KV buffers are on CUDA (so the kernels
+can address it), plain CPU memory otherwise. Copies run through a ``Transfer`` on
+a private stream and are waited for before ``load``/``save`` return; for copies
+that must overlap the forward pass use ``lmc_transfer.layerwise``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from lmc_transfer.kernels import Direction, KVBuffers, SlotRangeError
+from lmc_transfer.layerwise import chunk_slots, lease_slots
+from lmc_transfer.pool import SlabPool
+from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, StoreStats
+from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
+
+from .config import LMCTransferConfig
+
+
+class IPStore(CacheStore):
+    """``CacheStore`` over an in-process ``SlabPool``; safe to share between threads."""
+
+    def __init__(
+        self,
+        config: LMCTransferConfig,
+        buffers: KVBuffers,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(config, LMCTransferConfig):
+            raise TypeError(f"config: expected LMCTransferConfig, got {type(config).__name__}")
+        if not isinstance(buffers, KVBuffers):
+            raise TypeError(f"buffers: expected KVBuffers, got {type(buffers).__name__}")
+        self.chunk_size = config.chunk_size
+        self.buffers = buffers
+        self._ttl_s = config.lease_ttl_s
+        self._clock = clock
+        slab_bytes = buffers.geometry.slab_bytes(self.chunk_size)
+        num_slabs = config.max_local_cpu_bytes // slab_bytes
+        if num_slabs < 1:
+            raise ValueError(
+                f"max_local_cpu_size: {config.max_local_cpu_size} GB does not hold one slab of {slab_bytes} bytes "
+                f"(chunk_size {self.chunk_size})"
+            )
+        on_cuda = buffers.device.type == "cuda"
+        data = torch.empty(num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=on_cuda)
+        self._pool: SlabPool | None = SlabPool(data, np.zeros(num_slabs, dtype=np.uint64), slab_bytes, clock=clock)
+        self.transfer = Transfer(
+            buffers,
+            self.chunk_size,
+            path=TransferPath(config.transfer_path),
+            staging_bytes=config.staging_bytes,
+            max_programs=config.max_programs,
+        )
+        self._stream = torch.cuda.Stream(device=buffers.device) if on_cuda else None
+        # The transfer's staging ring and our stream are not safe for concurrent use.
+        self._copy_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._stats = StoreStats()
+
+    @property
+    def pool(self) -> SlabPool:
+        if self._pool is None:
+            raise RuntimeError("IPStore is closed")
+        return self._pool
+
+    # -- loads ---------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes]) -> Lease:
+        lease = self.pool.lookup(keys, self._ttl_s)
+        with self._stats_lock:
+            self._stats.lookups += 1
+            self._stats.hit_chunks += lease.num_chunks
+            self._stats.miss_chunks += len(lease.keys) - lease.num_chunks
+        return lease
+
+    def load(self, lease: Lease, slots: torch.Tensor, layers: range | None = None) -> LoadResult:
+        if lease.num_chunks == 0:
+            return LoadResult(0, 0)
+        slots = lease_slots(lease, slots, self.chunk_size)
+        pool = self.pool
+        # An expired lease may already have lost its slabs: not worth a copy.
+        intact = pool.verify(lease.slab_ids, lease.generations) if self._clock() < lease.deadline else 0
+        if intact:
+            slabs = self.slab_views(lease.slab_ids[:intact])
+            prepared = self._copy(Direction.SCATTER, slots[: intact * self.chunk_size], slabs, layers)
+            if prepared.plan.error_flag.is_set():
+                raise SlotRangeError(
+                    f"slots: some of the {intact * self.chunk_size} slots are past the end of the KV buffers "
+                    f"({self.buffers.num_slots} slots)"
+                )
+            intact = pool.verify(lease.slab_ids[:intact], lease.generations[:intact])
+        num_layers = self.buffers.num_layers if layers is None else len(layers)
+        with self._stats_lock:
+            self._stats.generation_misses += lease.num_chunks - intact
+            self._stats.loaded_bytes += intact * num_layers * self.buffers.geometry.layer_bytes(self.chunk_size)
+        return LoadResult(chunks_loaded=intact, tokens_loaded=intact * self.chunk_size)
+
+    def release(self, lease: Lease) -> None:
+        if lease.num_chunks:
+            self.pool.release(lease.lease_id)
+
+    def verify(self, lease: Lease) -> int:
+        return self.pool.verify(lease.slab_ids, lease.generations)
+
+    # -- stores --------------------------------------------------------------
+
+    def reserve(self, keys: Sequence[bytes]) -> Reservation:
+        pool = self.pool
+        res = pool.reserve(keys, self._ttl_s)
+        reserved = set(res.chunk_indices)
+        skipped = [key for i, key in enumerate(res.keys) if i not in reserved]
+        dedup = sum(1 for key in skipped if pool.contains(key))
+        with self._stats_lock:
+            self._stats.dedup_chunks += dedup
+            self._stats.dropped_chunks += len(skipped) - dedup
+        return res
+
+    def save(self, reservation: Reservation, slots: torch.Tensor) -> int:
+        if reservation.num_chunks == 0:
+            return 0
+        try:
+            selected = chunk_slots(reservation, slots, self.chunk_size)
+            negative = (selected < 0).any()
+            prepared = self._copy(Direction.GATHER, selected, self.slab_views(reservation.slab_ids), None)
+            if bool(negative) or prepared.plan.error_flag.is_set():
+                raise SlotRangeError(
+                    f"slots: every slot of a saved chunk must be in [0, {self.buffers.num_slots}), got some outside"
+                )
+        except BaseException:
+            self.abort(reservation)
+            raise
+        return self.commit(reservation)
+
+    def abort(self, reservation: Reservation) -> None:
+        if reservation.num_chunks:
+            self.pool.abort(reservation.reservation_id)
+
+    def commit(self, reservation: Reservation) -> int:
+        if reservation.num_chunks == 0:
+            return 0
+        committed = self.pool.commit(reservation.reservation_id)
+        with self._stats_lock:
+            self._stats.stored_chunks += committed
+            self._stats.stored_bytes += committed * self.pool.slab_bytes
+        return committed
+
+    def slab_views(self, slab_ids: Sequence[int]) -> list[torch.Tensor]:
+        pool = self.pool
+        return [pool.slab(s) for s in slab_ids]
+
+    # -- maintenance ---------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        pool_stats = self.pool.stats()
+        with self._stats_lock:
+            out = StoreStats(**{**vars(self._stats), "extra": dict(self._stats.extra)})
+        out.evictions = pool_stats.evictions
+        out.extra.update(
+            num_slabs=pool_stats.num_slabs,
+            used_slabs=pool_stats.used_slabs,
+            pinned_slabs=pool_stats.pinned_slabs,
+            committed_chunks=pool_stats.committed_chunks,
+        )
+        return out
+
+    def clear(self) -> None:
+        self.pool.clear()
+
+    def close(self) -> None:
+        with self._copy_lock:
+            self._pool = None
+
+    # -- data path -----------------------------------------------------------
+
+    def _copy(
+        self, direction: Direction, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None
+    ) -> PreparedTransfer:
+        """Run one transfer on the private stream and wait for it."""
+        with self._copy_lock:
+            prepared = self.transfer.prepare(slots, slabs)
+            stream = self._stream
+            if stream is not None:
+                # After prepare: its index tables, the slots' KV (save) and their previous
+                # readers (load) are all ordered on the caller's stream.
+                stream.wait_stream(torch.cuda.current_stream(self.buffers.device))
+            self.transfer.run(prepared, direction, layers=layers, stream=stream)
+            if stream is not None:
+                stream.synchronize()
+            return prepared

@@ -1,0 +1,223 @@
+"""Layerwise transfers that overlap the forward pass without blocking the CPU.
+
+Loads: ``LayerTransferCounter.start_load`` queues one scatter per layer on a load
+stream and records one CUDA event after each; before layer ``l`` reads its KV,
+``wait_until(l)`` makes the compute stream wait on event ``l`` (a GPU-side wait).
+``finish()`` waits for the last layer and re-checks the slab generations.
+
+Stores: ``LayerwiseStore.after_layer(l)`` records an event on the compute stream
+once layer ``l`` has written its KV and queues that layer's gather on a store
+stream behind it; ``finish()`` is the barrier that commits the reservation.
+
+Without CUDA both run synchronously with the same API, so engines and tests
+behave the same. A ``Transfer`` is not thread-safe: give each scheduler its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmc_transfer.kernels import Direction, SlotRangeError
+from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation
+from lmc_transfer.transfer import PreparedTransfer, Transfer
+
+
+def _check_slots(slots: torch.Tensor, needed: int, what: str) -> None:
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots: expected a torch.Tensor, got {type(slots).__name__}")
+    if slots.dim() != 1 or slots.numel() < needed:
+        raise ValueError(f"slots: expected a 1-D tensor of at least {needed} slot indices ({what}), got shape {tuple(slots.shape)}")
+
+
+def lease_slots(lease: Lease, slots: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The slots a load of ``lease`` fills: the first ``num_chunks * chunk_size``."""
+    needed = lease.num_chunks * chunk_size
+    _check_slots(slots, needed, f"{lease.num_chunks} chunks of {chunk_size}")
+    return slots[:needed]
+
+
+def chunk_slots(reservation: Reservation, slots: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The rows of ``slots`` (one per token of every key passed to reserve) that belong to
+    the reserved chunks, in reservation order: one transfer fills all reserved slabs."""
+    _check_slots(slots, len(reservation.keys) * chunk_size, f"{len(reservation.keys)} keys of {chunk_size}")
+    idx = reservation.chunk_indices
+    if not idx:
+        return slots[:0]
+    if idx[-1] - idx[0] + 1 == len(idx):  # one contiguous run: a view, no copy
+        return slots[idx[0] * chunk_size : (idx[-1] + 1) * chunk_size]
+    rows = torch.tensor(idx, dtype=torch.int64).unsqueeze(1) * chunk_size + torch.arange(chunk_size)
+    return slots[rows.reshape(-1).to(slots.device)]
+
+
+def _check_layer(layer: int, num_layers: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise ValueError(f"layer: expected an int in [0, {num_layers}), got {layer!r}")
+
+
+class LayerTransferCounter:
+    """Drives one layerwise load at a time (see module docstring)."""
+
+    def __init__(self, transfer: Transfer, *, stream: torch.cuda.Stream | None = None) -> None:
+        if not isinstance(transfer, Transfer):
+            raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
+        self.transfer = transfer
+        self.num_layers = transfer.buffers.num_layers
+        self._device = transfer.buffers.device
+        on_cuda = self._device.type == "cuda"
+        # High priority: the forward pass is about to wait on these copies.
+        self._stream = stream if stream is not None or not on_cuda else torch.cuda.Stream(self._device, priority=-1)
+        self._store: CacheStore | None = None
+        self._lease: Lease | None = None
+        self._prepared: PreparedTransfer | None = None
+        self._events: list[torch.cuda.Event] = []
+        self._waited = -1
+
+    @property
+    def in_flight(self) -> bool:
+        return self._lease is not None
+
+    def start_load(self, store: CacheStore, lease: Lease, slots: torch.Tensor) -> None:
+        """Queue the lease's chunks into ``slots`` layer by layer; returns at once on CUDA."""
+        if self._lease is not None:
+            raise RuntimeError("start_load: a load is already in flight; call finish() first")
+        slots = lease_slots(lease, slots, store.chunk_size)
+        if store.chunk_size != self.transfer.chunk_size:
+            raise ValueError(f"store: expected chunk_size {self.transfer.chunk_size} like the transfer, got {store.chunk_size}")
+        # Chunks whose slabs already changed are not worth copying.
+        intact = store.verify(lease)
+        prepared = None
+        if intact:
+            slabs = store.slab_views(lease.slab_ids[:intact])
+            prepared = self.transfer.prepare(slots[: intact * store.chunk_size], slabs)
+        self._store, self._lease, self._prepared, self._waited = store, lease, prepared, -1
+        if prepared is None:
+            return
+        if self._stream is None:
+            self.transfer.run(prepared, Direction.SCATTER)
+            return
+        # After prepare, whose index tables are queued on the caller's stream.
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        for layer in range(self.num_layers):
+            self.transfer.run(prepared, Direction.SCATTER, layers=range(layer, layer + 1), stream=self._stream)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+            self._events.append(event)
+
+    def wait_until(self, layer: int) -> None:
+        """Make the current stream wait until layer ``layer`` has arrived; free when repeated,
+        when an earlier call already covered it, or when nothing is being loaded."""
+        _check_layer(layer, self.num_layers)
+        if layer <= self._waited or not self._events:
+            return
+        # Events are recorded in layer order on one stream, so one wait covers all earlier layers.
+        torch.cuda.current_stream(self._device).wait_event(self._events[layer])
+        self._waited = layer
+
+    def finish(self) -> LoadResult:
+        """Wait for the last layer, then report the prefix of chunks whose slabs stayed intact."""
+        if self._lease is None or self._store is None:
+            raise RuntimeError("finish: no load in flight; call start_load() first")
+        store, lease, prepared, events = self._store, self._lease, self._prepared, self._events
+        self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
+        if events:
+            torch.cuda.current_stream(self._device).wait_event(events[-1])
+            events[-1].synchronize()
+        if prepared is not None and prepared.plan.error_flag.is_set():
+            raise SlotRangeError(
+                f"slots: some slots are past the end of the KV buffers ({self.transfer.buffers.num_slots} slots)"
+            )
+        loaded = store.verify(lease) if prepared is not None else 0
+        return LoadResult(chunks_loaded=loaded, tokens_loaded=loaded * store.chunk_size)
+
+
+class LayerwiseStore:
+    """Gathers one reservation layer by layer behind the forward pass, then commits it.
+
+    The engine must not reuse ``slots`` before ``finish()`` (or ``abort()``) returned.
+    """
+
+    def __init__(
+        self,
+        transfer: Transfer,
+        store: CacheStore,
+        reservation: Reservation,
+        slots: torch.Tensor,
+        *,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        if not isinstance(transfer, Transfer):
+            raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
+        if store.chunk_size != transfer.chunk_size:
+            raise ValueError(f"store: expected chunk_size {transfer.chunk_size} like the transfer, got {store.chunk_size}")
+        self.transfer = transfer
+        self.store = store
+        self.reservation = reservation
+        self.num_layers = transfer.buffers.num_layers
+        self._device = transfer.buffers.device
+        on_cuda = self._device.type == "cuda"
+        self._stream = stream if stream is not None or not on_cuda else torch.cuda.Stream(self._device)
+        self._gathered: set[int] = set()
+        self._last_event: torch.cuda.Event | None = None
+        self._closed = False
+        self._prepared: PreparedTransfer | None = None
+        if reservation.num_chunks:
+            selected = chunk_slots(reservation, slots, store.chunk_size)
+            self._negative = (selected < 0).any()
+            self._prepared = transfer.prepare(selected, store.slab_views(reservation.slab_ids))
+
+    def after_layer(self, layer: int) -> None:
+        """Queue layer ``layer``'s gather once the work queued so far on the current stream is done."""
+        _check_layer(layer, self.num_layers)
+        if self._closed:
+            raise RuntimeError("after_layer: this store already finished or aborted")
+        if layer in self._gathered:
+            raise ValueError(f"layer: {layer} was already stored")
+        self._gathered.add(layer)
+        if self._prepared is None:
+            return
+        layers = range(layer, layer + 1)
+        if self._stream is None:
+            self.transfer.run(self._prepared, Direction.GATHER, layers=layers)
+            return
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self._device))
+        self._stream.wait_event(written)
+        self.transfer.run(self._prepared, Direction.GATHER, layers=layers, stream=self._stream)
+        self._last_event = torch.cuda.Event()
+        self._last_event.record(self._stream)
+
+    def done(self) -> bool:
+        """Whether every layer has been queued and every queued gather has finished (no blocking)."""
+        complete = len(self._gathered) == self.num_layers
+        return complete and (self._last_event is None or self._last_event.query())
+
+    def finish(self) -> int:
+        """Barrier: wait for the gathers and commit; returns the chunks committed."""
+        if self._closed:
+            raise RuntimeError("finish: this store already finished or aborted")
+        missing = sorted(set(range(self.num_layers)) - self._gathered)
+        if missing:
+            self.abort()
+            raise ValueError(f"finish: every layer must be stored first, layers {missing} were not")
+        self._wait()
+        self._closed = True
+        if self._prepared is None:
+            return 0
+        if bool(self._negative) or self._prepared.plan.error_flag.is_set():
+            self.store.abort(self.reservation)
+            raise SlotRangeError(
+                f"slots: every slot of a saved chunk must be in [0, {self.transfer.buffers.num_slots}), got some outside"
+            )
+        return self.store.commit(self.reservation)
+
+    def abort(self) -> None:
+        """Give the slabs back once no queued gather can still write into them; idempotent."""
+        if self._closed:
+            return
+        self._wait()
+        self._closed = True
+        self.store.abort(self.reservation)
+
+    def _wait(self) -> None:
+        if self._last_event is not None:
+            self._last_event.synchronize()
