@@ -30,7 +30,13 @@ DEFAULT_MAX_PROGRAMS = 16
 _MAX_BLOCK_WORDS = 1024
 
 
-@triton.jit
+_INT_ARGS = ("num_tokens", "token_offset", "chunk_size", "layer_start", "num_layers", "slab_first_layer",
+             "num_slots", "row_words_0", "row_words_1")
+
+
+# Integer arguments are not specialised (divisibility hints are given in the kernel instead), so
+# one compiled kernel serves every transfer size and the fast launch path below stays valid.
+@triton.jit(do_not_specialize=_INT_ARGS)
 def _kv_copy_kernel(
     anchor_ptr,  # *int32: every address below is a word offset from this pointer
     plane_off_ptr,  # *int64 [num_layers_total * NUM_PLANES]
@@ -338,28 +344,49 @@ def run_copy(
     block_t = 4 if max(row_words) >= 256 else 16
     n_tiles = len(layers) * num_planes * triton.cdiv(plan.num_tokens, block_t)
     cap = max_programs or DEFAULT_MAX_PROGRAMS
-    grid = (min(n_tiles, cap),)
-    _kv_copy_kernel[grid](
-        anchor_ptr=anchor,
-        plane_off_ptr=_plane_table(plan.buffers),
-        slots_ptr=plan.slots,
-        slab_off_ptr=plan.slab_table,
-        error_ptr=plan.error_flag.tensor,
-        num_tokens=plan.num_tokens,
-        token_offset=plan.token_offset,
-        chunk_size=plan.chunk_size,
-        layer_start=layers.start,
-        num_layers=len(layers),
-        slab_first_layer=first,
-        num_slots=plan.buffers.num_slots,
-        row_words_0=row_words[0],
-        row_words_1=row_words_1,
-        NUM_PLANES=num_planes,
-        GATHER=gather,
-        BLOCK_T=block_t,
-        BLOCK_W=_block_words(max(row_words)),
-        num_warps=4,
-    )
+    pointers = (anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
+    integers = (plan.num_tokens, plan.token_offset, plan.chunk_size, layers.start, len(layers), first,
+                plan.buffers.num_slots, row_words[0], row_words_1)
+    constants = (num_planes, gather, block_t, _block_words(max(row_words)))
+    _launch((min(n_tiles, cap),), pointers, integers, constants)
+
+
+_NUM_WARPS = 4
+_CONSTEXPR_NAMES = ("NUM_PLANES", "GATHER", "BLOCK_T", "BLOCK_W")
+_compiled: dict[tuple, object] = {}
+
+
+_fast_launch_broken: str | None = None
+
+
+def _fast_launch_enabled() -> bool:
+    return (os.environ.get("LMC_TRANSFER_FAST_LAUNCH", "1") != "0" and not _interpreting()
+            and _fast_launch_broken is None)
+
+
+def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple) -> None:
+    """Launch, reusing the compiled kernel directly once it exists.
+
+    Triton's ``kernel[grid](...)`` re-binds and re-specialises every argument in Python
+    (~20-30 us); the layerwise path launches once per layer, where that would cost more
+    than the copy. The compiled kernel's own launcher skips that work. The cache key holds
+    everything Triton specialises on here: the constexprs and each pointer's 16-byte alignment
+    (integers are not specialised, see ``do_not_specialize``).
+    """
+    key = (pointers[0].device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants)
+    compiled = _compiled.get(key) if _fast_launch_enabled() else None
+    if compiled is not None:
+        try:
+            compiled[grid](*pointers, *integers, *constants)
+            return
+        except TypeError as exc:  # a Triton whose launcher takes other arguments: use the normal path
+            global _fast_launch_broken
+            _fast_launch_broken = f"{type(exc).__name__}: {exc}"
+            _compiled.clear()
+    compiled = _kv_copy_kernel[grid](*pointers, *integers, **dict(zip(_CONSTEXPR_NAMES, constants)),
+                                     num_warps=_NUM_WARPS)
+    if _fast_launch_enabled() and compiled is not None:
+        _compiled[key] = compiled
 
 
 def _copy(

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests, then the GPU benchmarks; logs and tables go to $OUT.
+# Needs the wheels in .whl/ (carried): pytest, pytest-benchmark and friends, pyzmq, pyyaml.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-.out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# The package maps kernels/ and radix/ under lmc_transfer (pyproject package-dir); mirror that without pip.
+rm -rf /tmp/site/lmc_transfer && cp -r lmc_transfer /tmp/site/lmc_transfer \
+  && cp -r kernels /tmp/site/lmc_transfer/kernels && cp -r radix /tmp/site/lmc_transfer/radix
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+TESTS=${TESTS:-tests/test_kernels.py}
+BENCH=${BENCH:-benchmarks/bench_transfer_gpu.py}
+python3 -m pytest $TESTS -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+if [ -n "$BENCH" ]; then
+  LMC_BENCH_REPORT="$OUT/bench.md" python3 -m pytest $BENCH --benchmark-only -q -p no:cacheprovider \
+    --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -80
+fi
