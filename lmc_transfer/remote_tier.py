@@ -28,7 +28,8 @@ counter is not updated atomically with the value, so a writer that dies between
 its two round trips leaves the counter a value too low, and values that expired
 through the TTL stay counted until they are popped (they are the oldest, so they
 go first and the counter heals itself); a rewrite of one key with another size
-is counted twice. For a hard memory cap use Redis ``maxmemory`` with an
+is counted twice; the index and counter exist only while a budget is set, so
+values written without one are never counted. For a hard memory cap use Redis ``maxmemory`` with an
 ``allkeys-lru`` policy as well.
 
 Failures (refused, reset, timeout, cluster failover) trip a circuit breaker:
@@ -380,8 +381,10 @@ class RemoteTier:
             try:
                 item = self._queue.get(timeout=0.05)
             except queue.Empty:
-                if self._closed.is_set():
-                    return
+                # put_async enqueues under the lock after checking _closed, so nothing can follow this.
+                with self._lock:
+                    if self._closed.is_set() and self._queue.empty():
+                        return
                 continue
             key, data, geometry_digest = item
             outcome = "put_drops" if self._closed.is_set() else self._write(key, data, geometry_digest)
@@ -396,16 +399,16 @@ class RemoteTier:
         if self._breaker.is_open:
             return "put_errors"
         value = encode_value(data, geometry_digest)
-        member = _SIZE.pack(len(value)) + key
         try:
             client = self._get_client()
             pipe = client.pipeline(transaction=False)
             pipe.set(self._chunk_key(key), value, px=self._ttl_ms)
-            pipe.zadd(self._index_key, {member: time.time() * 1000})
-            if self._ttl_ms is not None:
-                pipe.pexpire(self._index_key, self._ttl_ms)
-            added = pipe.execute()[1]
-            if added and self._budget is not None:
+            if self._budget is not None:
+                pipe.zadd(self._index_key, {_SIZE.pack(len(value)) + key: time.time() * 1000})
+                if self._ttl_ms is not None:
+                    pipe.pexpire(self._index_key, self._ttl_ms)
+            replies = pipe.execute()
+            if self._budget is not None and replies[1]:  # a new index member: count its bytes
                 self._account(client, len(value))
         except _REMOTE_ERRORS:
             self._fail()

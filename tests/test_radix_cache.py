@@ -381,3 +381,278 @@ def test_req_checks_its_slot_tensor():
     req = Req("r", [1], req_to_token=slots(0, 1))
     with pytest.raises(ValueError, match="request r: req_to_token has 2 slots but only 1 token ids"):
         req.fill_ids
+
+
+# ----- random workloads against a brute-force reference -----
+
+
+class PoisoningAllocator(TokenSlotAllocator):
+    """Marks freed slots as holding no KV, so a freed slot served later is caught."""
+
+    def __init__(self, size: int, page_size: int, kv_token: torch.Tensor, kv_pos: torch.Tensor) -> None:
+        super().__init__(size, page_size=page_size)
+        self.kv_token = kv_token
+        self.kv_pos = kv_pos
+
+    def free(self, free_index: torch.Tensor) -> None:
+        super().free(free_index)
+        if free_index.numel():
+            pages = torch.unique(free_index // self.page_size)
+            freed = (pages.unsqueeze(1) * self.page_size + torch.arange(self.page_size)).reshape(-1)
+            self.kv_token[freed] = -1
+            self.kv_pos[freed] = -1
+
+
+@dataclass
+class Running:
+    req: Req
+    locked_prefix: tuple[int, ...]
+
+
+class Workload:
+    """Drives a RadixCache with random operations and checks it after each one.
+
+    The reference is the set of cached pages, keyed by the token prefix ending
+    with each page: a match must return the longest stored prefix, an insert
+    must add exactly the missing pages, and an eviction may only remove
+    unlocked pages. A fake KV pool records which (token, position) each slot
+    holds, so serving a slot that was freed or reused is caught too.
+    """
+
+    def __init__(self, seed: int, page_size: int, num_slots: int) -> None:
+        self.rng = random.Random(seed)
+        self.ps = page_size
+        self.kv_token = torch.full((num_slots,), -1, dtype=torch.int64)
+        self.kv_pos = torch.full((num_slots,), -1, dtype=torch.int64)
+        self.alloc = PoisoningAllocator(num_slots, page_size, self.kv_token, self.kv_pos)
+        self.cache = RadixCache(self.alloc, page_size=page_size)
+        self.ref: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.running: list[Running] = []
+        self.bare_locks: list[tuple[TreeNode, tuple[int, ...]]] = []
+        self.stems = [self.random_tokens(self.rng.randint(1, 6 * page_size)) for _ in range(6)]
+        self.next_rid = 0
+        self.evictions = 0
+
+    # -- generators --
+
+    def random_tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(4) for _ in range(n)]
+
+    def random_sequence(self) -> list[int]:
+        stem = self.rng.choice(self.stems)
+        head = stem[: self.rng.randint(0, len(stem))]
+        return head + self.random_tokens(self.rng.randint(0 if head else 1, 5 * self.ps))
+
+    # -- reference --
+
+    def expected_match(self, key: list[int]) -> tuple[int, list[int]]:
+        n, indices = 0, []
+        while n + self.ps <= len(key) and tuple(key[: n + self.ps]) in self.ref:
+            n += self.ps
+            indices.extend(self.ref[tuple(key[:n])])
+        return n, indices
+
+    def ref_insert(self, key: list[int], value: torch.Tensor) -> int:
+        expected, _ = self.expected_match(key)
+        for end in range(expected + self.ps, len(key) + 1, self.ps):
+            self.ref[tuple(key[:end])] = tuple(value[end - self.ps : end].tolist())
+        return expected
+
+    def write_kv(self, slot_ids: torch.Tensor, tokens: list[int], first_pos: int) -> None:
+        self.kv_token[slot_ids] = torch.tensor(tokens, dtype=torch.int64)
+        self.kv_pos[slot_ids] = torch.arange(first_pos, first_pos + len(tokens))
+
+    def alloc_or_evict(self, n: int, last_slot: int = -1) -> torch.Tensor | None:
+        got = self.alloc.alloc_extend(last_slot, n)
+        if got is None:
+            self.checked_evict(n + self.ps)
+            got = self.alloc.alloc_extend(last_slot, n)
+        return got
+
+    # -- operations --
+
+    def op_match(self) -> None:
+        key = self.random_sequence()
+        res = self.cache.match_prefix(key)
+        n, indices = self.expected_match(key)
+        assert res.device_indices.tolist() == indices
+        assert res.last_device_node is res.last_host_node
+        self.check_kv(res.device_indices, key[:n], 0)
+
+    def op_insert(self) -> None:
+        key = self.random_sequence()
+        key = key[: len(key) - len(key) % self.ps]
+        value = self.alloc_or_evict(len(key))
+        if value is None:
+            return
+        self.write_kv(value, key, 0)
+        expected = self.ref_insert(key, value)
+        assert self.cache.insert(key, value) == expected
+        self.alloc.free(value[:expected])
+
+    def op_evict(self) -> None:
+        self.checked_evict(self.rng.randint(1, 6 * self.ps))
+
+    def op_lock(self) -> None:
+        key = self.random_sequence()
+        res = self.cache.match_prefix(key)
+        n = res.device_indices.numel()
+        self.cache.inc_lock_ref(res.last_device_node)
+        self.bare_locks.append((res.last_device_node, tuple(key[:n])))
+
+    def op_unlock(self) -> None:
+        if self.bare_locks:
+            node, _ = self.bare_locks.pop(self.rng.randrange(len(self.bare_locks)))
+            self.cache.dec_lock_ref(node)
+
+    def op_start(self) -> None:
+        tokens = self.random_sequence()
+        req = Req(f"r{self.next_rid}", tokens)
+        self.next_rid += 1
+        res = self.cache.match_prefix(tokens)
+        n, indices = self.expected_match(tokens)
+        assert res.device_indices.tolist() == indices
+        req.prefix_indices = res.device_indices
+        req.req_to_token = res.device_indices.clone()
+        req.cache_protected_len = n
+        req.last_node = res.last_device_node
+        self.cache.inc_lock_ref(req.last_node)
+        self.running.append(Running(req, tuple(tokens[:n])))
+        self.op_prefill(self.running[-1])
+
+    def op_prefill(self, run: Running | None = None) -> None:
+        """Compute the next chunk of prompt KV, then cache the request as unfinished."""
+        if run is None:
+            pending = [r for r in self.running if r.req.kv_len < len(r.req.origin_input_ids)]
+            if not pending:
+                return
+            run = self.rng.choice(pending)
+        req = run.req
+        todo = len(req.origin_input_ids) - req.kv_len
+        if todo and not self.extend(req, self.rng.randint(1, todo)):
+            return
+        self.ref_insert(req.fill_ids[: req.kv_len - req.kv_len % self.ps], req.req_to_token)
+        self.cache.cache_unfinished_req(req)
+        run.locked_prefix = tuple(req.fill_ids[: req.cache_protected_len])
+        assert req.prefix_indices.tolist() == req.req_to_token.tolist()
+        _, indices = self.expected_match(list(run.locked_prefix))
+        assert req.req_to_token[: req.cache_protected_len].tolist() == indices
+
+    def op_decode(self) -> None:
+        prefilled = [r for r in self.running if r.req.kv_len >= len(r.req.origin_input_ids)]
+        if prefilled:
+            req = self.rng.choice(prefilled).req
+            req.output_ids.append(self.rng.randrange(4))
+            self.extend(req, 1)
+
+    def op_finish(self) -> None:
+        if not self.running:
+            return
+        run = self.running.pop(self.rng.randrange(len(self.running)))
+        req = run.req
+        if self.rng.random() < 0.1:
+            self.cache.cache_finished_req(req, is_insert=False)
+            return
+        self.ref_insert(req.fill_ids[: req.kv_len - req.kv_len % self.ps], req.req_to_token)
+        self.cache.cache_finished_req(req)
+
+    def extend(self, req: Req, n: int) -> bool:
+        """Give the next ``n`` tokens of ``req`` slots and KV."""
+        tokens = req.all_token_ids[req.kv_len : req.kv_len + n]
+        last = int(req.req_to_token[-1]) if req.kv_len % self.ps else -1
+        got = self.alloc_or_evict(len(tokens), last)
+        if got is None:
+            return False
+        self.write_kv(got, tokens, req.kv_len)
+        req.req_to_token = torch.cat([req.req_to_token, got])
+        return True
+
+    def checked_evict(self, num_tokens: int) -> None:
+        before = dict(self.ref)
+        protected = self.protected_pages()
+        evictable = (len(before) - len(protected)) * self.ps
+        evicted = self.cache.evict(num_tokens)
+        after = contents(self.cache)
+        removed = set(before) - set(after)
+        assert set(after) <= set(before)
+        assert all(after[k] == before[k] for k in after)
+        assert evicted == len(removed) * self.ps
+        assert not removed & protected
+        assert min(num_tokens, evictable) <= evicted <= evictable
+        self.evictions += evicted
+        self.ref = after
+
+    # -- invariants --
+
+    def protected_pages(self) -> set[tuple[int, ...]]:
+        locked = [r.locked_prefix for r in self.running] + [p for _, p in self.bare_locks]
+        return {p[:end] for p in locked for end in range(self.ps, len(p) + 1, self.ps)}
+
+    def check_kv(self, slot_ids: torch.Tensor, tokens: list[int], first_pos: int) -> None:
+        assert self.kv_token[slot_ids].tolist() == tokens
+        assert self.kv_pos[slot_ids].tolist() == list(range(first_pos, first_pos + len(tokens)))
+
+    def check(self) -> None:
+        cache = self.cache
+        assert contents(cache) == self.ref
+        protected = self.protected_pages()
+        assert cache.protected_size() == len(protected) * self.ps
+        assert cache.evictable_size() == (len(self.ref) - len(protected)) * self.ps
+        assert cache.total_size() == len(self.ref) * self.ps
+        if self.ref:
+            tree_slots = torch.tensor([s for page in self.ref.values() for s in page])
+            assert self.kv_token[tree_slots].tolist() == [t for p in self.ref for t in p[-self.ps :]]
+            assert self.kv_pos[tree_slots].tolist() == [
+                pos for p in self.ref for pos in range(len(p) - self.ps, len(p))
+            ]
+        # Every allocated page is owned by exactly one of: the tree, one running request.
+        owners = [{s // self.ps for page in self.ref.values() for s in page}]
+        for run in self.running:
+            req = run.req
+            self.check_kv(req.req_to_token, req.fill_ids, 0)
+            owners.append({int(s) // self.ps for s in req.req_to_token[req.cache_protected_len :]})
+        assert sum(len(o) for o in owners) == len(set().union(*owners))
+        assert set().union(*owners) == self.alloc.allocated_pages()
+
+    def run(self, num_ops: int) -> None:
+        ops = [
+            (self.op_match, 3),
+            (self.op_insert, 2),
+            (self.op_evict, 1),
+            (self.op_lock, 1),
+            (self.op_unlock, 1),
+            (self.op_start, 2),
+            (self.op_prefill, 2),
+            (self.op_decode, 2),
+            (self.op_finish, 2),
+        ]
+        funcs, weights = zip(*ops)
+        for _ in range(num_ops):
+            if len(self.running) > 6:
+                self.op_finish()
+            if len(self.bare_locks) > 4:
+                self.op_unlock()
+            self.rng.choices(funcs, weights)[0]()
+            self.check()
+
+    def drain(self) -> None:
+        while self.running:
+            self.op_finish()
+        while self.bare_locks:
+            self.op_unlock()
+        self.check()
+        assert self.cache.protected_size() == 0
+        self.checked_evict(10**9)
+        assert self.ref == {} and self.cache.total_size() == 0
+        assert self.alloc.available_size() == self.alloc.size
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_workload_matches_reference(page_size, seed):
+    work = Workload(seed=seed * 100 + page_size, page_size=page_size, num_slots=96 * page_size)
+    work.run(2500)
+    work.drain()
+    # The workload must have exercised what it claims to.
+    assert work.evictions > 0
+    assert work.next_rid > 200
