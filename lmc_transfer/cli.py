@@ -1,0 +1,125 @@
+"""``lmc-transfer`` console script.
+
+    lmc-transfer server --config F   run the MP cache daemon (foreground)
+    lmc-transfer stats  --config F   print the daemon's counters
+    lmc-transfer ping   --config F   exit 0 if the daemon answers in time, 1 otherwise
+
+A subcommand is one ``_cmd_*`` function taking the parsed arguments and returning
+the exit status, plus one entry in ``SUBCOMMANDS``; ``add_arguments`` (optional)
+declares its extra flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from lmc_transfer.config import ConfigError, load_config
+from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
+from lmc_transfer.protocol import MsgType
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _request(args: argparse.Namespace, msg_type: MsgType) -> dict:
+    config = load_config(args.config)
+    conn = DaemonConnection(config.mp_url, config.mp_auth_token)
+    try:
+        return conn.request(msg_type, deadline=time.monotonic() + args.timeout_ms / 1000)
+    finally:
+        conn.close()
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from lmc_transfer.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(load_config(args.config))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    stats = _request(args, MsgType.STATS)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    counters = stats["counters"]
+    pool = stats.get("pool") or {}
+    disk = stats.get("disk") or {}
+    rows = [
+        ("endpoint", stats.get("endpoint")),
+        ("pid", stats.get("pid")),
+        ("segment", stats.get("segment") or "(no pool yet: waiting for the first HELLO)"),
+        ("clients", stats.get("clients")),
+        ("chunks", f"{pool.get('committed_chunks', 0)} / {pool.get('num_slabs', 0)} slabs"),
+        ("bytes", pool.get("committed_bytes", 0)),
+        ("pinned slabs", pool.get("pinned_slabs", 0)),
+        ("leases / reservations", f"{pool.get('leases', 0)} / {pool.get('reservations', 0)}"),
+        ("hit rate", f"{stats.get('hit_rate', 0.0):.3f} ({counters['hit_chunks']} hit, {counters['miss_chunks']} missed chunks)"),
+        ("lookups", counters["lookups"]),
+        ("committed chunks", counters["committed_chunks"]),
+        ("evictions", pool.get("evictions", 0)),
+        ("requests / errors", f"{counters['requests']} / {counters['errors']}"),
+        ("disk usage", f"{disk['bytes']} / {disk['max_bytes']} bytes, {disk['files']} files" if disk else "off"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the raw STATS reply as JSON")
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    reply = _request(args, MsgType.PING)
+    print(f"ok: pid {reply.get('pid')} answered in {(time.monotonic() - start) * 1000:.1f} ms")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "server": Subcommand("run the MP cache daemon in the foreground", _cmd_server),
+    "stats": Subcommand("print the daemon's counters", _cmd_stats, _stats_arguments),
+    "ping": Subcommand("exit 0 if the daemon answers within --timeout-ms (liveness probe)", _cmd_ping),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmc-transfer", description="lmc-transfer KV cache tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument("--timeout-ms", type=int, default=1000, help="how long to wait for the daemon (default 1000)")
+        p.add_argument("--log-level", default="INFO")
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except ConfigError as exc:
+        print(f"lmc-transfer: {exc}", file=sys.stderr)
+        return 2
+    except (DaemonUnavailable, DaemonError) as exc:
+        print(f"lmc-transfer {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

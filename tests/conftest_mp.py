@@ -1,0 +1,255 @@
+"""Shared helpers for the MP tests: a real daemon subprocess, configs, KV buffers.
+
+Also runnable as a tiny "engine" process (``python -m tests.conftest_mp store|load``)
+so cross-process tests use fresh interpreters instead of forking torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+import yaml
+
+from lmc_transfer.config import LMCTransferConfig, load_config
+from lmc_transfer.kernels import KVBuffers
+from lmc_transfer.keys import KeySalt, chunk_keys
+from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
+from lmc_transfer.protocol import MsgType
+from lmc_transfer.shm import segment_exists, unlink_segment
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 16
+NUM_SLOTS = 512
+HEADS, DIM = 2, 8  # float16 rows of 32 bytes
+LAYERS = 2
+SLAB_BYTES = LAYERS * CHUNK * 2 * HEADS * DIM * 2
+START_TIMEOUT_S = 20.0
+
+
+FILL_SEED_OFFSET = 500  # a loading engine's buffers start as other random bytes
+LOAD_SHIFT = 7  # a loading engine puts token i at slot i + LOAD_SHIFT
+
+
+def make_buffers(seed: int, *, heads: int = HEADS) -> KVBuffers:
+    """token_slot KV filled with random bytes from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def plane() -> torch.Tensor:
+        return torch.randint(0, 256, (NUM_SLOTS, heads, DIM * 2), dtype=torch.uint8, generator=g).view(torch.float16)
+
+    ks = [plane() for _ in range(LAYERS)]
+    vs = [plane() for _ in range(LAYERS)]
+    return KVBuffers.token_slot(ks, vs)
+
+
+def kv_bytes(buffers: KVBuffers, slots: torch.Tensor) -> torch.Tensor:
+    """All layers' and planes' rows of ``slots``, as one uint8 tensor."""
+    return torch.cat(
+        [buffers.plane_rows(layer, plane)[slots].reshape(-1) for layer in range(LAYERS) for plane in range(2)]
+    )
+
+
+def expected_after_load(seed: int, loaded_chunks: int) -> bytes:
+    """What a load engine's whole KV must look like after loading ``loaded_chunks`` of
+    the prompt stored from ``make_buffers(seed)``: untouched fill bytes elsewhere."""
+    src = make_buffers(seed)
+    dst = make_buffers(seed + FILL_SEED_OFFSET)
+    n = loaded_chunks * CHUNK
+    for layer in range(LAYERS):
+        for plane in range(2):
+            dst.plane_rows(layer, plane)[LOAD_SHIFT : LOAD_SHIFT + n] = src.plane_rows(layer, plane)[:n]
+    return kv_bytes(dst, torch.arange(NUM_SLOTS)).numpy().tobytes()
+
+
+def prompt_keys(buffers: KVBuffers, tokens: list[int], tp_rank: int = 0, tp_size: int = 1) -> list[bytes]:
+    return chunk_keys(tokens, CHUNK, KeySalt("test-model", buffers.geometry, tp_rank=tp_rank, tp_size=tp_size))
+
+
+def tokens_for(seed: int, n_chunks: int) -> list[int]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, 32000, (n_chunks * CHUNK,), generator=g).tolist()
+
+
+def write_config(directory: Path, **overrides: Any) -> Path:
+    data: dict[str, Any] = {
+        "mode": "mp",
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": 64 * SLAB_BYTES / 1024**3,
+        "mp_socket": str(directory / "d.sock"),
+        "lookup_timeout_ms": 300,
+        "request_timeout_ms": 500,
+        "lease_ttl_s": 10.0,
+    }
+    data.update(overrides)
+    path = directory / f"config-{len(list(directory.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Daemon:
+    """A daemon subprocess; ``stop`` checks that it cleaned up after itself."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config: LMCTransferConfig = load_config(config_path)
+        self.log_path = config_path.with_suffix(".log")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmc_transfer.server", "--config", str(config_path)],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.segment: str | None = None
+        self.wait_ready()
+
+    def request(self, msg_type: MsgType, body: dict | None = None, keys: tuple = (), timeout_s: float = 2.0) -> dict:
+        conn = DaemonConnection(self.config.mp_url, self.config.mp_auth_token)
+        try:
+            return conn.request(msg_type, body, keys, deadline=time.monotonic() + timeout_s)
+        finally:
+            conn.close()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
+            try:
+                self.request(MsgType.PING, timeout_s=0.3)
+                return
+            except DaemonUnavailable:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"daemon did not answer PING within {START_TIMEOUT_S}s: {self.log()}")
+
+    def stats(self) -> dict:
+        stats = self.request(MsgType.STATS)
+        self.segment = stats["segment"] or self.segment
+        return stats
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal and wait (bounded); after SIGTERM the segment and socket must be gone."""
+        if self.segment is None and self.alive():
+            try:
+                self.stats()
+            except (DaemonUnavailable, DaemonError):
+                pass
+        if self.alive():
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(timeout=15)
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL and remove what a killed daemon leaves behind."""
+        self.stop(signal.SIGKILL)
+        self.cleanup_leftovers()
+
+    def cleanup_leftovers(self) -> None:
+        if self.segment is not None:
+            unlink_segment(self.segment)
+        if self.config.mp_socket is not None:
+            Path(self.config.mp_socket).unlink(missing_ok=True)
+
+    def leftovers(self) -> list[str]:
+        out = []
+        if self.segment is not None and segment_exists(self.segment):
+            out.append(f"segment {self.segment}")
+        if self.config.mp_socket is not None and os.path.exists(self.config.mp_socket):
+            out.append(f"socket {self.config.mp_socket}")
+        return out
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short tmp dir (ipc paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="lmct-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Collects started daemons; stops every one still running and removes leftovers."""
+    started: list[Daemon] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            if d.alive():
+                d.stop()
+            d.cleanup_leftovers()
+
+
+def start_daemon(daemons: list[Daemon], config_path: Path) -> Daemon:
+    d = Daemon(config_path)
+    daemons.append(d)
+    return d
+
+
+def run_engine(*args: str, timeout: float = 60.0) -> dict:
+    """Run this module as an engine process; returns its JSON result line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.conftest_mp", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"engine {args} failed ({out.returncode}): {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _engine_main(argv: list[str] | None = None) -> int:
+    from lmc_transfer.mp_store import MPStore
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("action", choices=["store", "load"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seed", type=int, required=True, help="KV content (store) / prompt")
+    parser.add_argument("--chunks", type=int, required=True)
+    parser.add_argument("--out", help="load: file receiving the loaded rows")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    buffers = make_buffers(args.seed if args.action == "store" else args.seed + FILL_SEED_OFFSET)
+    store = MPStore(config, buffers)
+    keys = prompt_keys(buffers, tokens_for(args.seed, args.chunks))
+    slots = torch.arange(args.chunks * CHUNK, dtype=torch.int64)
+    if args.action == "store":
+        res = store.reserve(keys)
+        result = {"committed": store.save(res, slots)}
+    else:
+        lease = store.lookup(keys)
+        loaded = store.load(lease, slots[: lease.num_chunks * CHUNK] + LOAD_SHIFT)
+        store.release(lease)
+        Path(args.out).write_bytes(kv_bytes(buffers, torch.arange(NUM_SLOTS)).numpy().tobytes())
+        result = {"hit": lease.num_chunks, "loaded": loaded.chunks_loaded}
+    store.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_engine_main())

@@ -1,0 +1,186 @@
+"""Wire protocol (strict decoding) and the shared-memory segment; no daemon needed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lmc_transfer.protocol import (
+    KEY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_KEYS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    Reply,
+    Request,
+    body_int,
+    body_str,
+    check_token,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+from lmc_transfer.shm import SLAB_ALIGN, SharedSegment, segment_bytes, segment_exists
+
+KEYS = tuple(bytes([i]) * KEY_BYTES for i in range(3))
+
+
+def header(**fields) -> bytes:
+    base = {"v": PROTOCOL_VERSION, "type": "PING", "id": 1}
+    base.update(fields)
+    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+
+def test_request_round_trip_keeps_every_field():
+    req = Request(MsgType.LOOKUP, 42, {"epoch": "abc"}, KEYS, token="s3cret")
+    frames = encode_request(req)
+    assert frames[1:] == list(KEYS)
+    assert decode_request(frames) == req
+
+
+def test_reply_round_trip_ok_and_error():
+    ok = Reply(7, True, {"slab_ids": [1, 2]})
+    assert decode_reply(encode_reply(ok)) == ok
+    err = Reply(8, False, code=ErrorCode.GEOMETRY, error="nope")
+    assert decode_reply(encode_reply(err)) == Reply(8, False, {}, ErrorCode.GEOMETRY, "nope")
+
+
+@pytest.mark.parametrize(
+    "frames, code, fragment",
+    [
+        ([], ErrorCode.BAD_REQUEST, "empty message"),
+        ([b"\xff\xfe"], ErrorCode.BAD_REQUEST, "not UTF-8 JSON"),
+        ([b"{"], ErrorCode.BAD_REQUEST, "not UTF-8 JSON"),
+        ([b"[1,2]"], ErrorCode.BAD_REQUEST, "must be a JSON object, got list"),
+        ([header(extra=1)], ErrorCode.BAD_REQUEST, "unknown fields ['extra']"),
+        ([header(v=2)], ErrorCode.VERSION, "protocol version must be 1, got 2"),
+        ([header(v=True)], ErrorCode.VERSION, "protocol version"),
+        ([header(id=-1)], ErrorCode.BAD_REQUEST, "id must be an integer"),
+        ([header(id=True)], ErrorCode.BAD_REQUEST, "id must be an integer"),
+        ([header(id=2**60)], ErrorCode.BAD_REQUEST, "id must be an integer"),
+        ([header(id="1")], ErrorCode.BAD_REQUEST, "id must be an integer"),
+        ([header(type="EXPLODE")], ErrorCode.BAD_REQUEST, "unknown message type 'EXPLODE'"),
+        ([header(type=None)], ErrorCode.BAD_REQUEST, "unknown message type None"),
+        ([header(body=[])], ErrorCode.BAD_REQUEST, "body must be a JSON object, got list"),
+        ([header(token=5)], ErrorCode.BAD_REQUEST, "token must be a string"),
+        ([header(), KEYS[0]], ErrorCode.BAD_REQUEST, "PING takes no key frames, got 1"),
+        ([header(type="LOOKUP"), b"x" * 31], ErrorCode.BAD_REQUEST, "key frame 0 is 31 bytes, expected exactly 32"),
+        ([header(type="LOOKUP"), KEYS[0], b""], ErrorCode.BAD_REQUEST, "key frame 1 is 0 bytes"),
+        ([header(type="LOOKUP")] + [KEYS[0]] * (MAX_KEYS + 1), ErrorCode.BAD_REQUEST, f"the limit is {MAX_KEYS}"),
+        ([b" " * (MAX_HEADER_BYTES + 1)], ErrorCode.BAD_REQUEST, f"the limit is {MAX_HEADER_BYTES}"),
+        ([b'{"v": NaN}'], ErrorCode.BAD_REQUEST, "non-JSON constant NaN"),
+        ([b"[" * 100000 + b"]" * 100000], ErrorCode.BAD_REQUEST, "header frame"),
+    ],
+)
+def test_decode_request_rejects_with_a_named_problem(frames, code, fragment):
+    with pytest.raises(ProtocolError) as info:
+        decode_request(frames)
+    assert info.value.code is code
+    assert fragment in str(info.value)
+
+
+def test_decode_request_accepts_the_key_limit_exactly():
+    frames = [header(type="RESERVE")] + [KEYS[1]] * MAX_KEYS
+    assert len(decode_request(frames).keys) == MAX_KEYS
+
+
+def test_encode_request_refuses_bad_keys():
+    with pytest.raises(ValueError, match="keys\\[1\\] must be 32 bytes"):
+        encode_request(Request(MsgType.LOOKUP, 1, {}, (KEYS[0], b"short")))
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([], "exactly one header frame, got 0"),
+        ([b'{"v":1,"id":1,"ok":1}'], "ok must be a boolean"),
+        ([b'{"v":1,"id":1,"ok":false,"code":"weird","error":""}'], "unknown error code"),
+        ([b'{"v":1,"id":1,"ok":false,"code":"internal","error":3}'], "error must be a string"),
+        ([b'{"v":1,"id":1,"ok":true,"keys":[]}'], "unknown fields ['keys']"),
+    ],
+)
+def test_decode_reply_rejects_with_a_named_problem(frames, fragment):
+    with pytest.raises(ProtocolError, match=None) as info:
+        decode_reply(frames)
+    assert fragment in str(info.value)
+
+
+def test_check_token():
+    check_token(None, None)
+    check_token(None, "anything")
+    check_token("right", "right")
+    for given in (None, "wrong", "righ", "right "):
+        with pytest.raises(ProtocolError) as info:
+            check_token("right", given)
+        assert info.value.code is ErrorCode.UNAUTHORIZED
+
+
+def test_body_accessors_name_the_field():
+    assert body_int({"n": 3}, "n") == 3
+    with pytest.raises(ProtocolError, match="body.n must be an integer in \\[0, "):
+        body_int({"n": True}, "n")
+    with pytest.raises(ProtocolError, match="body.n must be an integer"):
+        body_int({"n": -1}, "n")
+    assert body_str({"s": "x"}, "s") == "x"
+    assert body_str({}, "s", optional=True) is None
+    with pytest.raises(ProtocolError, match="body.s must be a string of at most 4 characters"):
+        body_str({"s": "12345"}, "s", max_len=4)
+
+
+# -- shared-memory segment ------------------------------------------------------
+
+
+@pytest.fixture
+def segment():
+    seg = SharedSegment.create(5, 3 * 1024)
+    try:
+        yield seg
+    finally:
+        seg.close()
+    assert not segment_exists(seg.name)
+
+
+def test_segment_is_private_aligned_and_shared(segment):
+    assert os.stat(f"/dev/shm{segment.name}").st_mode & 0o777 == 0o600
+    assert segment.data.numel() == 5 * 3 * 1024
+    assert segment.data.data_ptr() % SLAB_ALIGN == 0
+    assert np.array_equal(segment.generations, np.zeros(5, dtype=np.uint64))
+    client = SharedSegment.open(segment.name, 5, 3 * 1024)
+    try:
+        g = torch.Generator().manual_seed(3)
+        payload = torch.randint(0, 256, (3 * 1024,), dtype=torch.uint8, generator=g)
+        segment.slab(4).copy_(payload)
+        segment.generations[2] = 2**64 - 1
+        assert torch.equal(client.slab(4), payload)
+        assert torch.equal(client.slab(3), torch.zeros(3 * 1024, dtype=torch.uint8))
+        assert client.generations.tolist() == [0, 0, 2**64 - 1, 0, 0]
+        client.slab(0)[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        assert segment.slab(0)[:5].tolist() == [1, 2, 3, 4, 0]
+    finally:
+        client.close()
+    assert segment_exists(segment.name), "a client's close must not unlink the daemon's segment"
+
+
+def test_segment_open_checks_the_expected_geometry(segment):
+    with pytest.raises(ValueError, match="does not match"):
+        SharedSegment.open(segment.name, 6, 3 * 1024)
+    with pytest.raises(ValueError, match="does not match"):
+        SharedSegment.open(segment.name, 5, 2 * 1024)
+    with pytest.raises(FileNotFoundError):
+        SharedSegment.open(segment.name + "-missing", 5, 3 * 1024)
+
+
+def test_segment_size_and_arguments():
+    assert segment_bytes(1, 100) == SLAB_ALIGN + 100
+    assert segment_bytes(600, 8) == 8192 + 4800  # 64 + 8 * 600 spills into a second page
+    with pytest.raises(ValueError, match="num_slabs must be a positive int, got 0"):
+        SharedSegment.create(0, 10)
+    with pytest.raises(ValueError, match="slab_bytes must be a positive int, got -1"):
+        SharedSegment.create(1, -1)
