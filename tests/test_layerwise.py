@@ -1,0 +1,228 @@
+"""Layerwise load (LayerTransferCounter) and store (LayerwiseStore), CPU path byte for byte.
+
+On CUDA the same code runs asynchronously on streams; those runs are GPU-marked tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmc_transfer.config import GB, LMCTransferConfig
+from lmc_transfer.ip_store import IPStore
+from lmc_transfer.kernels import LayoutKind, SlotRangeError
+from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
+from lmc_transfer.store import Reservation
+from lmc_transfer.transfer import Transfer
+
+from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, make_buffers
+from .test_ip_store import CS, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
+
+LAYERS = 3
+
+
+def new_transfer(store) -> Transfer:
+    return Transfer(store.buffers, CS)
+
+
+def store_layerwise(store, keys, src) -> int:
+    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), src)
+    for layer in range(LAYERS):
+        saver.after_layer(layer)
+    assert saver.done()
+    return saver.finish()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", LAYOUTS, ids=lambda k: k.value)
+def test_layerwise_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype) -> None:
+    store = make_store(kind, dtype, num_layers=LAYERS)
+    buffers = store.buffers
+    keys = keys_for(1, 3)
+    src = torch.tensor([5, 40, 7, 3, 90, 91, 12, 13, 0, 95, 33, 60], dtype=torch.int64)
+    expected = rows(buffers, src)
+    assert store_layerwise(store, keys, src) == 3
+    before = buffer_bytes(buffers)
+    counter = LayerTransferCounter(new_transfer(store))
+    lease = store.lookup(keys)
+    dst = torch.tensor([80, 81, 82, 83, 20, 21, 22, 23, 50, 51, 52, 53, 70], dtype=torch.int64)
+    counter.start_load(store, lease, dst)
+    assert counter.in_flight
+    for layer in range(LAYERS):
+        counter.wait_until(layer)
+        counter.wait_until(layer)  # the engine asks again for V; free
+    result = counter.finish()
+    store.release(lease)
+    assert (result.chunks_loaded, result.tokens_loaded) == (3, 12)
+    assert not counter.in_flight
+    for got, want in zip(rows(buffers, dst[:12]), expected):
+        assert torch.equal(got, want)
+    unchanged_except(before, buffers, dst[:12])
+
+
+def test_store_gathers_only_the_layers_it_was_told_about() -> None:
+    store = make_store(num_layers=LAYERS)
+    geom = store.buffers.geometry
+    keys = keys_for(2, 2)
+    src = slot_range(0, 8)
+    res = store.reserve(keys)
+    slabs = store.slab_views(res.slab_ids)
+    for s in slabs:
+        s.fill_(0xA5)
+    saver = LayerwiseStore(new_transfer(store), store, res, src)
+    saver.after_layer(1)
+    assert not saver.done()
+    layer = geom.layer_bytes(CS)
+    for c, s in enumerate(slabs):
+        assert s[:layer].eq(0xA5).all() and s[2 * layer :].eq(0xA5).all()
+        for plane, row in enumerate(geom.plane_row_bytes):
+            base = layer + geom.plane_offset(plane, CS)
+            got = s[base : base + CS * row].view(CS, row)
+            assert torch.equal(got, store.buffers.plane_rows(1, plane)[src[c * CS : (c + 1) * CS]])
+    assert store.lookup(keys).num_chunks == 0, "nothing is visible before the barrier"
+    with pytest.raises(ValueError, match="layer: 1 was already stored"):
+        saver.after_layer(1)
+    saver.after_layer(2)
+    saver.after_layer(0)
+    assert saver.finish() == 2
+    assert store.lookup(keys).num_chunks == 2
+
+
+def test_store_of_non_contiguous_chunks_uses_their_rows() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(3, 3)
+    src = slot_range(10, 12)
+    assert store.save(store.reserve([keys[1]]), src[4:8]) == 1
+    assert store_layerwise(store, keys, src) == 2
+    dst = slot_range(60, 12)
+    lease = store.lookup(keys)
+    assert store.load(lease, dst).chunks_loaded == 3
+    assert_rows_equal(store.buffers, dst, src)
+
+
+def test_finish_with_missing_layers_aborts() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(4, 2)
+    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), slot_range(0, 8))
+    saver.after_layer(0)
+    with pytest.raises(ValueError, match=r"finish: every layer must be stored first, layers \[1, 2\] were not"):
+        saver.finish()
+    assert store.pool.stats().used_slabs == 0 and store.lookup(keys).num_chunks == 0
+    with pytest.raises(RuntimeError, match="already finished or aborted"):
+        saver.after_layer(1)
+    saver.abort()  # idempotent
+
+
+def test_store_with_bad_slots_is_aborted_at_the_barrier() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(5, 1)
+    src = slot_range(0, 4)
+    src[2] = -1
+    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), src)
+    for layer in range(LAYERS):
+        saver.after_layer(layer)
+    with pytest.raises(SlotRangeError, match="every slot of a saved chunk"):
+        saver.finish()
+    assert store.pool.stats().used_slabs == 0
+
+
+def test_empty_reservation_commits_nothing() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(6, 1)
+    store.save(store.reserve(keys), slot_range(0, 4))
+    assert store_layerwise(store, keys, slot_range(0, 4)) == 0
+
+
+def test_load_stops_at_a_changed_generation() -> None:
+    store = make_store(num_layers=LAYERS)
+    buffers = store.buffers
+    keys = keys_for(7, 3)
+    src = slot_range(0, 12)
+    store.save(store.reserve(keys), src)
+    lease = store.lookup(keys)
+    store.pool._gens[lease.slab_ids[1]] += 1
+    before = buffer_bytes(buffers)
+    counter = LayerTransferCounter(new_transfer(store))
+    dst = slot_range(40, 12)
+    counter.start_load(store, lease, dst)
+    result = counter.finish()
+    assert (result.chunks_loaded, result.tokens_loaded) == (1, CS)
+    assert_rows_equal(buffers, dst[:CS], src[:CS])
+    unchanged_except(before, buffers, dst[:CS])
+
+
+def test_generation_changed_during_a_layerwise_load_is_a_miss() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(8, 2)
+    store.save(store.reserve(keys), slot_range(0, 8))
+    lease = store.lookup(keys)
+    counter = LayerTransferCounter(new_transfer(store))
+    counter.start_load(store, lease, slot_range(40, 8))
+    store.pool._gens[lease.slab_ids[0]] += 1  # torn after the copy was queued
+    assert counter.finish().chunks_loaded == 0
+
+
+def test_counter_state_errors_and_empty_lease() -> None:
+    store = make_store(num_layers=LAYERS)
+    counter = LayerTransferCounter(new_transfer(store))
+    with pytest.raises(RuntimeError, match="finish: no load in flight"):
+        counter.finish()
+    counter.wait_until(2)  # nothing in flight: free
+    with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 3\), got 3"):
+        counter.wait_until(3)
+    empty = store.lookup(keys_for(9, 2))
+    counter.start_load(store, empty, slot_range(0, 0))
+    with pytest.raises(RuntimeError, match="start_load: a load is already in flight"):
+        counter.start_load(store, empty, slot_range(0, 0))
+    assert counter.finish().chunks_loaded == 0
+    keys = keys_for(9, 1)
+    store.save(store.reserve(keys), slot_range(0, 4))
+    with pytest.raises(ValueError, match=r"slots: expected a 1-D tensor of at least 4 slot indices"):
+        counter.start_load(store, store.lookup(keys), slot_range(0, 3))
+    assert not counter.in_flight
+    with pytest.raises(TypeError, match="transfer: expected Transfer, got IPStore"):
+        LayerTransferCounter(store)  # type: ignore[arg-type]
+
+
+def test_chunk_slots_selects_reserved_rows_in_order() -> None:
+    slots = torch.arange(100, 116)
+    res = Reservation(1, tuple(keys_for(1, 4)), (0, 2, 3), (5, 6, 7), (1, 1, 1), 0.0)
+    assert chunk_slots(res, slots, CS).tolist() == [100, 101, 102, 103, 108, 109, 110, 111, 112, 113, 114, 115]
+    contiguous = Reservation(1, tuple(keys_for(1, 4)), (1, 2), (5, 6), (1, 1), 0.0)
+    view = chunk_slots(contiguous, slots, CS)
+    assert view.tolist() == list(range(104, 112)) and view.data_ptr() == slots[4:].data_ptr()
+    with pytest.raises(ValueError, match=r"at least 16 slot indices \(4 keys of 4\), got shape \(15,\)"):
+        chunk_slots(res, slots[:15], CS)
+
+
+@pytest.mark.gpu
+def test_cuda_layerwise_round_trip_with_streams() -> None:
+    """On a GPU: stores behind a fake forward pass, loads ahead of it, no CPU blocking per layer."""
+    gen = torch.Generator().manual_seed(0)
+    buffers = make_buffers(
+        LayoutKind.TOKEN_SLOT, torch.bfloat16, num_layers=LAYERS, num_slots=4096, device="cuda", gen=gen
+    )
+    slab = buffers.geometry.slab_bytes(CS)
+    cfg = LMCTransferConfig.from_dict({"chunk_size": CS, "max_local_cpu_size": 300.5 * slab / GB})
+    store = IPStore(cfg, buffers)
+    keys = keys_for(11, 256)
+    src = torch.randperm(2048, device="cuda")[:1024] + 2048
+    expected = rows(buffers, src)
+    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), src)
+    for layer in range(LAYERS):
+        torch.cuda._sleep(100_000)  # the layer's forward
+        saver.after_layer(layer)
+    assert saver.finish() == 256
+    dst = torch.arange(0, 1024, device="cuda")
+    counter = LayerTransferCounter(new_transfer(store))
+    lease = store.lookup(keys)
+    counter.start_load(store, lease, dst)
+    for layer in range(LAYERS):
+        counter.wait_until(layer)
+        torch.cuda._sleep(100_000)
+    result = counter.finish()
+    store.release(lease)
+    assert result.chunks_loaded == 256
+    torch.cuda.synchronize()
+    for got, want in zip(rows(buffers, dst), expected):
+        assert torch.equal(got, want)
