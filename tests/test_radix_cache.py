@@ -506,7 +506,12 @@ class Workload:
             self.cache.dec_lock_ref(node)
 
     def op_start(self) -> None:
-        tokens = self.random_sequence()
+        if self.running and self.rng.random() < 0.3:
+            # The same prompt as a running request: when both compute it, one
+            # insert finds the other's pages and its slots are duplicates.
+            tokens = list(self.rng.choice(self.running).req.origin_input_ids)
+        else:
+            tokens = self.random_sequence()
         req = Req(f"r{self.next_rid}", tokens)
         self.next_rid += 1
         res = self.cache.match_prefix(tokens)
@@ -518,7 +523,8 @@ class Workload:
         req.last_node = res.last_device_node
         self.cache.inc_lock_ref(req.last_node)
         self.running.append(Running(req, tuple(tokens[:n])))
-        self.op_prefill(self.running[-1])
+        if self.rng.random() < 0.5:
+            self.op_prefill(self.running[-1])
 
     def op_prefill(self, run: Running | None = None) -> None:
         """Compute the next chunk of prompt KV, then cache the request as unfinished."""
