@@ -126,6 +126,10 @@ class IPStore(CacheStore):
     def save(self, reservation: Reservation, slots: torch.Tensor) -> int:
         if reservation.num_chunks == 0:
             return 0
+        if self._clock() >= reservation.deadline:
+            # Its slabs may already belong to another writer: never copy into them.
+            self.abort(reservation)
+            return 0
         try:
             selected = chunk_slots(reservation, slots, self.chunk_size)
             negative = (selected < 0).any()

@@ -203,6 +203,21 @@ def test_expired_lease_loads_nothing_even_after_its_slabs_were_reused() -> None:
     store.release(lease)
 
 
+def test_expired_reservation_is_not_written() -> None:
+    clock = FakeClock()
+    store = make_store(num_slabs=2, clock=clock)
+    res = store.reserve(keys_for(14, 2))
+    clock.now += 30.0
+    other = store.reserve(keys_for(15, 2))
+    assert other.slab_ids == res.slab_ids
+    views = store.slab_views(other.slab_ids)
+    for v in views:
+        v.fill_(0x5A)
+    assert store.save(res, slot_range(0, 8)) == 0
+    assert all(v.eq(0x5A).all() for v in views)
+    assert store.save(other, slot_range(8, 8)) == 2
+
+
 def test_generation_changed_before_the_copy_stops_the_load_there() -> None:
     store = make_store()
     buffers = store.buffers
