@@ -176,7 +176,9 @@ class RemoteTier:
     ) -> None:
         if not isinstance(url, str):
             raise TypeError(f"url: expected str, got {type(url).__name__}")
-        if not isinstance(namespace, bytes) or not 0 < len(namespace) <= 64:
+        if not isinstance(namespace, bytes):
+            raise TypeError(f"namespace: expected bytes, got {type(namespace).__name__}")
+        if not 0 < len(namespace) <= 64:
             raise ValueError(f"namespace: expected 1..64 bytes, got {namespace!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")

@@ -16,7 +16,7 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from lmc_transfer.remote_tier import HEADER_BYTES, RemoteTier, encode_value  # noqa: E402
+from lmc_transfer.remote_tier import HEADER_BYTES, RemoteTier, TLSOptions, _CircuitBreaker, encode_value  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [
@@ -394,9 +394,9 @@ def test_invalid_arguments() -> None:
         RemoteTier("redis://127.0.0.1:1/0", namespace=b"")
     with pytest.raises(ValueError, match="timeout_s"):
         RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, timeout_s=0)
+    with pytest.raises(TypeError, match="namespace"):
+        RemoteTier("redis://127.0.0.1:1/0", namespace="ns")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tls"):
-        from lmc_transfer.remote_tier import TLSOptions
-
         RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, tls=TLSOptions())
     tier = RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A)
     try:
@@ -406,3 +406,20 @@ def test_invalid_arguments() -> None:
             tier.fetch([b"k"], b"")
     finally:
         tier.close()
+
+
+def test_breaker_backoff_doubles_to_cap_and_resets() -> None:
+    now = [100.0]
+    breaker = _CircuitBreaker(0.5, 2.0, clock=lambda: now[0])
+    assert breaker.seconds_to_probe() is None and not breaker.is_open
+    waits = []
+    for _ in range(4):
+        breaker.trip()
+        waits.append(breaker.seconds_to_probe())
+    assert waits == [0.5, 1.0, 2.0, 2.0]
+    now[0] += 2.5
+    assert breaker.seconds_to_probe() == -0.5
+    breaker.reset()
+    assert breaker.seconds_to_probe() is None
+    breaker.trip()
+    assert breaker.seconds_to_probe() == 0.5
