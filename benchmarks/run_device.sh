@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 TESTS=${TESTS:-tests/test_kernels.py}
 BENCH=${BENCH:-benchmarks/bench_transfer_gpu.py}
-python3 -m pytest $TESTS -m gpu -q -p no:cacheprovider --import-mode=append 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+python3 -P -m pytest $TESTS -m gpu -q -p no:cacheprovider --import-mode=append 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 if [ -n "$BENCH" ]; then
-  LMC_BENCH_REPORT="$OUT/bench.md" python3 -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --import-mode=append \
+  LMC_BENCH_REPORT="$OUT/bench.md" python3 -P -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --import-mode=append \
     --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -80
 fi
