@@ -164,7 +164,7 @@ class RadixCache:
         keys = self._page_aligned(token_ids)
         if is_insert:
             new_prefix_len = self.insert(keys, kv_indices[: len(keys)].clone())
-            pass
+            allocator.free(kv_indices[req.cache_protected_len : new_prefix_len])
         else:
             allocator.free(kv_indices[req.cache_protected_len : len(keys)])
         allocator.free(kv_indices[len(keys) :])
