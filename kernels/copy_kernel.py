@@ -377,9 +377,9 @@ def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple
     compiled = _compiled.get(key) if _fast_launch_enabled() else None
     if compiled is not None:
         try:
-            compiled[grid](*pointers, *integers, *constants)
+            compiled[(grid[0], 1, 1)](*pointers, *integers, *constants)
             return
-        except TypeError as exc:  # a Triton whose launcher takes other arguments: use the normal path
+        except (TypeError, IndexError) as exc:  # a Triton whose launcher takes other arguments: use the normal path
             global _fast_launch_broken
             _fast_launch_broken = f"{type(exc).__name__}: {exc}"
             _compiled.clear()

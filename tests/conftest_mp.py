@@ -222,31 +222,51 @@ def run_engine(*args: str, timeout: float = 60.0) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _engine_main(argv: list[str] | None = None) -> int:
+def engine_store(config: LMCTransferConfig, seed: int, chunks: int) -> dict:
+    """One engine's life: store the prompt of ``seed`` from ``make_buffers(seed)``."""
     from lmc_transfer.mp_store import MPStore
 
+    buffers = make_buffers(seed)
+    store = MPStore(config, buffers)
+    try:
+        keys = prompt_keys(buffers, tokens_for(seed, chunks))
+        return {"committed": store.save(store.reserve(keys), torch.arange(chunks * CHUNK, dtype=torch.int64))}
+    finally:
+        store.close()
+
+
+def engine_load(config: LMCTransferConfig, seed: int, chunks: int) -> tuple[dict, bytes]:
+    """One engine's life: look up and load the prompt of ``seed`` into fresh random buffers;
+    returns the result and the engine's whole KV afterwards (see ``expected_after_load``)."""
+    from lmc_transfer.mp_store import MPStore
+
+    buffers = make_buffers(seed + FILL_SEED_OFFSET)
+    store = MPStore(config, buffers)
+    try:
+        lease = store.lookup(prompt_keys(buffers, tokens_for(seed, chunks)))
+        slots = torch.arange(lease.num_chunks * CHUNK, dtype=torch.int64) + LOAD_SHIFT
+        loaded = store.load(lease, slots)
+        store.release(lease)
+        result = {"hit": lease.num_chunks, "loaded": loaded.chunks_loaded}
+        return result, kv_bytes(buffers, torch.arange(NUM_SLOTS)).numpy().tobytes()
+    finally:
+        store.close()
+
+
+def _engine_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("action", choices=["store", "load"])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--seed", type=int, required=True, help="KV content (store) / prompt")
+    parser.add_argument("--seed", type=int, required=True, help="KV content and prompt")
     parser.add_argument("--chunks", type=int, required=True)
-    parser.add_argument("--out", help="load: file receiving the loaded rows")
+    parser.add_argument("--out", help="load: file receiving the engine's KV bytes")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    buffers = make_buffers(args.seed if args.action == "store" else args.seed + FILL_SEED_OFFSET)
-    store = MPStore(config, buffers)
-    keys = prompt_keys(buffers, tokens_for(args.seed, args.chunks))
-    slots = torch.arange(args.chunks * CHUNK, dtype=torch.int64)
     if args.action == "store":
-        res = store.reserve(keys)
-        result = {"committed": store.save(res, slots)}
+        result = engine_store(config, args.seed, args.chunks)
     else:
-        lease = store.lookup(keys)
-        loaded = store.load(lease, slots[: lease.num_chunks * CHUNK] + LOAD_SHIFT)
-        store.release(lease)
-        Path(args.out).write_bytes(kv_bytes(buffers, torch.arange(NUM_SLOTS)).numpy().tobytes())
-        result = {"hit": lease.num_chunks, "loaded": loaded.chunks_loaded}
-    store.close()
+        result, kv = engine_load(config, args.seed, args.chunks)
+        Path(args.out).write_bytes(kv)
     print(json.dumps(result))
     return 0
 
