@@ -187,8 +187,10 @@ class RadixCache:
         new_prefix_len = self.insert(keys, kv_indices[: len(keys)].clone())
         self.token_to_kv_pool_allocator.free(kv_indices[req.cache_protected_len : new_prefix_len])
 
-        match = self.match_prefix(keys)
-        new_indices, new_last_node = match.device_indices, match.last_device_node
+        # The device tree only: a subclass's match_prefix may also consult a
+        # host cache, which must not run for tokens this request just computed.
+        values, new_last_node = self._match_prefix_helper(self.root_node, keys)
+        new_indices = torch.cat(values) if values else self._empty_indices()
         if new_indices.numel() != len(keys):
             raise RuntimeError(
                 f"request {req.rid}: re-match after insert found {new_indices.numel()} "
