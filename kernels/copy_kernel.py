@@ -10,6 +10,7 @@ survive (host memory is reached through its unified virtual address).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ WORD_BYTES = 4
 WORDS_PER_ACCESS = ACCESS_BYTES // WORD_BYTES
 #: Default cap on persistent programs; 16 already saturates PCIe (measured in benchmarks/RESULTS.md)
 #: while leaving the SMs to the engine's compute.
-DEFAULT_MAX_PROGRAMS = 16
-_MAX_BLOCK_WORDS = 1024
+DEFAULT_MAX_PROGRAMS = 32
+_MAX_BLOCK_WORDS = 512
+_TILE_WORDS = 2048  # words one program moves per step: BLOCK_T tokens x BLOCK_W words
 
 
 _INT_ARGS = ("num_tokens", "token_offset", "chunk_size", "layer_start", "num_layers", "slab_first_layer",
@@ -89,8 +91,11 @@ def _kv_copy_kernel(
             b_slab + (i_layer - slab_first_layer) * layer_words + plane_in_layer + (pos % chunk_size) * row_words, 4
         )
         for w0 in range(0, row_words, BLOCK_W):
+            # BLOCK_W divides every row, so the mask is constant along a row and the
+            # accesses stay 16-byte vectors (a per-word mask would split them into 4-byte
+            # PCIe transactions, a quarter of the bandwidth for writes to host memory).
             o_word = w0 + o_w
-            m = m_row[:, None] & (o_word < row_words)[None, :]
+            m = m_row[:, None]
             p_kv = anchor_ptr + (o_kv_row[:, None] + o_word[None, :])
             p_slab = anchor_ptr + (o_slab_row[:, None] + o_word[None, :])
             if GATHER:
@@ -129,11 +134,17 @@ def _anchor(device: torch.device) -> torch.Tensor:
     return anchor
 
 
-def _word_offsets(addresses: Sequence[int], anchor: torch.Tensor) -> torch.Tensor:
+def _word_offsets(addresses: Sequence[int], anchor: torch.Tensor, stream: torch.cuda.Stream | None = None
+                  ) -> torch.Tensor:
+    """An address table on the anchor's device; with ``stream``, copied asynchronously on it
+    (the kernel that reads the table runs on that stream), else copied synchronously."""
     base = anchor.data_ptr()
     offsets = [(a - base) // WORD_BYTES for a in addresses]
-    table = torch.tensor(offsets, dtype=torch.int64, pin_memory=anchor.is_cuda)
-    return table.to(anchor.device, non_blocking=True)
+    if stream is None or not anchor.is_cuda:
+        return torch.tensor(offsets, dtype=torch.int64, device=anchor.device)
+    host = torch.tensor(offsets, dtype=torch.int64, pin_memory=True)
+    with torch.cuda.stream(stream):
+        return host.to(anchor.device, non_blocking=True)
 
 
 _plane_tables: dict[int, tuple[KVBuffers, torch.Tensor]] = {}
@@ -178,6 +189,8 @@ class CopyPlan:
     slab_layer_count: int
     error_flag: SlotErrorFlag
     slab_table: torch.Tensor | None = None
+    slab_table_stream: torch.cuda.Stream | None = None
+    slab_table_ready: torch.cuda.Event | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -287,6 +300,22 @@ def plan_copy(
     )
 
 
+def _ensure_slab_table(plan: CopyPlan, anchor: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+    """Upload the slab table on the stream of the first launch; other streams wait for it."""
+    if not anchor.is_cuda:
+        if plan.slab_table is None:
+            plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor)
+        return
+    stream = stream if stream is not None else torch.cuda.current_stream(anchor.device)
+    if plan.slab_table is None:
+        plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor, stream)
+        plan.slab_table_stream = stream
+        plan.slab_table_ready = torch.cuda.Event()
+        plan.slab_table_ready.record(stream)
+    elif stream != plan.slab_table_stream:
+        stream.wait_event(plan.slab_table_ready)
+
+
 def _use_triton(plan: CopyPlan, backend: Backend) -> bool:
     if backend is Backend.TORCH:
         return False
@@ -298,8 +327,13 @@ def _use_triton(plan: CopyPlan, backend: Backend) -> bool:
     return on_cuda or _interpreting()
 
 
-def _block_words(row_words: int) -> int:
-    return min(_MAX_BLOCK_WORDS, triton.next_power_of_2(row_words))
+def _tile_shape(row_words: Sequence[int]) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_W): BLOCK_W is the largest power of two dividing every row (rows are
+    multiples of 4 words, so it is at least one 16-byte vector)."""
+    block_w = _MAX_BLOCK_WORDS
+    while any(r % block_w for r in row_words):
+        block_w //= 2
+    return max(1, _TILE_WORDS // block_w), block_w
 
 
 def run_copy(
@@ -309,8 +343,10 @@ def run_copy(
     layers: range | None = None,
     max_programs: int | None = None,
     backend: Backend = Backend.AUTO,
+    stream: torch.cuda.Stream | None = None,
 ) -> None:
-    """Enqueue the copy for ``layers`` (default: every layer the slabs hold) on the current stream."""
+    """Enqueue the copy for ``layers`` (default: every layer the slabs hold) on ``stream``
+    (default: the current stream)."""
     first, count = plan.slab_first_layer, plan.slab_layer_count
     layers = range(first, first + count) if layers is None else layers
     _check_layers(layers, plan.buffers.num_layers)
@@ -336,19 +372,18 @@ def run_copy(
         return
     geometry = plan.buffers.geometry
     anchor = _anchor(plan.buffers.device)
-    if plan.slab_table is None:
-        plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor)
+    _ensure_slab_table(plan, anchor, stream)
     row_words = [b // WORD_BYTES for b in geometry.plane_row_bytes]
     num_planes = len(row_words)
     row_words_1 = row_words[1] if num_planes > 1 else 0
-    block_t = 4 if max(row_words) >= 256 else 16
+    block_t, block_w = _tile_shape(row_words[:num_planes])
     n_tiles = len(layers) * num_planes * triton.cdiv(plan.num_tokens, block_t)
     cap = max_programs or DEFAULT_MAX_PROGRAMS
     pointers = (anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
     integers = (plan.num_tokens, plan.token_offset, plan.chunk_size, layers.start, len(layers), first,
                 plan.buffers.num_slots, row_words[0], row_words_1)
-    constants = (num_planes, gather, block_t, _block_words(max(row_words)))
-    _launch((min(n_tiles, cap),), pointers, integers, constants)
+    constants = (num_planes, gather, block_t, block_w)
+    _launch((min(n_tiles, cap),), pointers, integers, constants, stream)
 
 
 _NUM_WARPS = 4
@@ -364,7 +399,8 @@ def _fast_launch_enabled() -> bool:
             and _fast_launch_broken is None)
 
 
-def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple) -> None:
+def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple,
+            stream: torch.cuda.Stream | None) -> None:
     """Launch, reusing the compiled kernel directly once it exists.
 
     Triton's ``kernel[grid](...)`` re-binds and re-specialises every argument in Python
@@ -377,14 +413,16 @@ def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple
     compiled = _compiled.get(key) if _fast_launch_enabled() else None
     if compiled is not None:
         try:
-            compiled[(grid[0], 1, 1)](*pointers, *integers, *constants)
+            handle = None if stream is None else stream.cuda_stream
+            compiled[(grid[0], 1, 1)](*pointers, *integers, *constants, stream=handle)
             return
         except (TypeError, IndexError) as exc:  # a Triton whose launcher takes other arguments: use the normal path
             global _fast_launch_broken
             _fast_launch_broken = f"{type(exc).__name__}: {exc}"
             _compiled.clear()
-    compiled = _kv_copy_kernel[grid](*pointers, *integers, **dict(zip(_CONSTEXPR_NAMES, constants)),
-                                     num_warps=_NUM_WARPS)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        compiled = _kv_copy_kernel[grid](*pointers, *integers, **dict(zip(_CONSTEXPR_NAMES, constants)),
+                                         num_warps=_NUM_WARPS)
     if _fast_launch_enabled() and compiled is not None:
         _compiled[key] = compiled
 

@@ -137,17 +137,16 @@ class Transfer:
         """Enqueue a prepared transfer; returns the path it took."""
         layers = range(self.buffers.num_layers) if layers is None else layers
         path = self._choose(prepared, layers)
-        on_cuda = self.buffers.device.type == "cuda"
-        stream = stream if stream is not None or not on_cuda else torch.cuda.current_stream(self.buffers.device)
-        ctx = torch.cuda.stream(stream) if on_cuda else _nullcontext()
-        with ctx:
-            if path is TransferPath.ZERO_COPY:
-                run_copy(prepared.plan, direction, layers=layers, max_programs=self.max_programs)
-            else:
-                for part in (prepared.head, prepared.tail):
-                    if part is not None:
-                        run_copy(part, direction, layers=layers, max_programs=self.max_programs)
-                self._run_staged(prepared, direction, layers, stream)
+        if path is TransferPath.ZERO_COPY:
+            # no stream context here: entering one costs more than this launch on the layerwise path
+            run_copy(prepared.plan, direction, layers=layers, max_programs=self.max_programs, stream=stream)
+            return path
+        stream = stream if stream is not None else torch.cuda.current_stream(self.buffers.device)
+        with torch.cuda.stream(stream):
+            for part in (prepared.head, prepared.tail):
+                if part is not None:
+                    run_copy(part, direction, layers=layers, max_programs=self.max_programs)
+            self._run_staged(prepared, direction, layers, stream)
         return path
 
     def synchronize(self) -> None:
@@ -221,11 +220,3 @@ class Transfer:
                 done.record(stream)
             ring.free_events[index] = done
         stream.wait_stream(copy_stream)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

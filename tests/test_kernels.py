@@ -93,7 +93,7 @@ def test_gather_matches_oracle_and_reference(kind, dtype, layers, device):
     before = buffer_bytes(buffers)
     layer_range = layers or range(NUM_LAYERS)
     expected = _oracle_gather(buffers, slots, [s.cpu() for s in slabs], 5, layer_range)
-    ref_slabs = [s.clone() for s in slabs]
+    ref_slabs = [s.clone().pin_memory() if s.is_pinned() else s.clone() for s in slabs]
     gather(buffers, slots, ref_slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TORCH)
     gather(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TRITON)
     if device == "cuda":
