@@ -1,0 +1,374 @@
+"""The cache daemon as a real subprocess: protocol handling, hostile input, expiry,
+STATS, disk tier across restarts, CLI, tcp; plus the disk tier on its own."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from lmc_transfer.config import LMCTransferConfig
+from lmc_transfer.disk_tier import DiskTier, geometry_digest
+from lmc_transfer.mp_store import DaemonConnection, DaemonError, MPStore
+from lmc_transfer.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
+from lmc_transfer.server import check_bind_address
+from tests.conftest_mp import (  # noqa: F401  (fixtures)
+    CHUNK,
+    REPO,
+    SLAB_BYTES,
+    daemons,
+    expected_after_load,
+    make_buffers,
+    prompt_keys,
+    engine_load,
+    engine_store,
+    start_daemon,
+    tokens_for,
+    workdir,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def hello_body(buffers=None, chunk_size: int = CHUNK) -> dict:
+    buffers = buffers or make_buffers(1)
+    return {"geometry": buffers.geometry.to_dict(), "chunk_size": chunk_size, "client_id": "t"}
+
+
+def test_ping_stats_and_out_of_order_requests(workdir, daemons):
+    d = start_daemon(daemons, write_config(workdir))
+    assert d.request(MsgType.PING)["ready"] is False
+    stats = d.stats()
+    assert stats["pool"] is None and stats["segment"] is None
+    with pytest.raises(DaemonError) as info:
+        d.request(MsgType.LOOKUP, {"epoch": "x"}, (b"k" * 32,))
+    assert info.value.code is ErrorCode.HELLO_REQUIRED
+    hello = d.request(MsgType.HELLO, hello_body())
+    assert hello["slab_bytes"] == SLAB_BYTES and hello["num_slabs"] == 64
+    with pytest.raises(DaemonError) as info:
+        d.request(MsgType.COMMIT, {"epoch": "stale", "reservation_id": 1})
+    assert info.value.code is ErrorCode.HELLO_REQUIRED
+    lease = d.request(MsgType.LOOKUP, {"epoch": hello["epoch"]}, (b"k" * 32,))
+    assert lease == {"lease_id": 0, "slab_ids": [], "generations": [], "ttl_s": 10.0}
+    assert d.request(MsgType.PING)["ready"] is True
+    rc = d.stop()
+    assert rc == 0 and d.leftovers() == []
+    assert "listening on ipc://" in d.log() and hello["segment"] in d.log()
+
+
+def test_hello_with_other_geometry_or_chunk_size_is_refused(workdir, daemons):
+    d = start_daemon(daemons, write_config(workdir))
+    d.request(MsgType.HELLO, hello_body())
+    with pytest.raises(DaemonError) as info:
+        d.request(MsgType.HELLO, hello_body(make_buffers(1, heads=4)))
+    assert info.value.code is ErrorCode.GEOMETRY and "differs from the pool's" in str(info.value)
+    with pytest.raises(DaemonError) as info:
+        d.request(MsgType.HELLO, hello_body(chunk_size=CHUNK * 2))
+    assert info.value.code is ErrorCode.GEOMETRY and f"chunk_size must be the daemon's {CHUNK}" in str(info.value)
+    with pytest.raises(DaemonError) as info:
+        d.request(MsgType.HELLO, {"geometry": {"kind": "nope"}, "chunk_size": CHUNK, "client_id": "t"})
+    assert info.value.code is ErrorCode.GEOMETRY
+    # an engine with another geometry is refused at construction
+    with pytest.raises(ValueError, match="refused this engine"):
+        MPStore(d.config, make_buffers(1, heads=4))
+
+
+def _garbage_messages(rng: random.Random, epoch: str, token: str | None) -> list[list[bytes]]:
+    import json
+
+    def hdr(**kw) -> bytes:
+        base = {"v": PROTOCOL_VERSION, "type": "LOOKUP", "id": rng.randrange(1, 10**6), "body": {"epoch": epoch}}
+        if token is not None:
+            base["token"] = token
+        base.update(kw)
+        return json.dumps(base).encode()
+
+    key = bytes(KEY_BYTES)
+    makers = [
+        lambda: [rng.randbytes(rng.randrange(0, 200))],
+        lambda: [rng.randbytes(rng.randrange(1, 64)) for _ in range(rng.randrange(2, 6))],
+        lambda: [hdr()[: rng.randrange(0, 40)]],
+        lambda: [hdr(type=rng.choice(["", "lookup", "HELLO ", "X" * 300, 5, None]))],
+        lambda: [hdr(v=rng.choice([0, 2, "1", None, 1.5]))],
+        lambda: [hdr(id=rng.choice([-1, 2**64, "7", None, 1.0]))],
+        lambda: [hdr(body=rng.choice([[], "x", 3, None]))],
+        lambda: [hdr(), key[: rng.randrange(0, 32)]],
+        lambda: [hdr(), key + b"\x00"],
+        lambda: [hdr()] + [key] * (MAX_KEYS + 1),
+        lambda: [b"{" * 70000],
+        lambda: [b" " * 70000 + b"{}"],
+        lambda: [hdr(type="HELLO", body={"geometry": rng.choice([{}, [], {"kind": "mla", "num_layers": -1}]), "chunk_size": CHUNK, "client_id": "x"})],
+        lambda: [hdr(type="HELLO", body={"geometry": {"kind": "mla", "num_layers": 10**9, "plane_shapes": [[10**9]], "dtype": "float32"}, "chunk_size": CHUNK, "client_id": "x"})],
+        lambda: [hdr(type="COMMIT", body={"epoch": epoch, "reservation_id": rng.choice([-5, "1", 2**70, None])})],
+        lambda: [hdr(type="RELEASE", body={"epoch": epoch, "lease_id": rng.randrange(0, 10**9)})],
+        lambda: [hdr(type="ABORT", body={"epoch": epoch, "reservation_id": rng.randrange(0, 10**9)})],
+        lambda: [hdr(type="RESERVE", body={"epoch": epoch, "extra": 1}), key],
+        lambda: [hdr(type="STATS", body={"x": 1})],
+        lambda: [hdr(token="wrong-token")],
+        lambda: [hdr(type="CLEAR", token=rng.choice(["", "wrong", "x" * 1000]))],
+    ]
+    return [rng.choice(makers)() for _ in range(3000)]
+
+
+def test_fuzz_garbage_never_kills_the_daemon(workdir, daemons):
+    token = "t0ken"
+    d = start_daemon(daemons, write_config(workdir, mp_auth_token=token, max_local_cpu_size=8 * SLAB_BYTES / 1024**3))
+    store = MPStore(d.config, make_buffers(11))
+    try:
+        stats0 = d.stats()
+        rng = random.Random(1234)
+        messages = _garbage_messages(rng, store._session.epoch, token)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(d.config.mp_url)
+        replies = 0
+        start = time.monotonic()
+        try:
+            for i, msg in enumerate(messages):
+                sock.send_multipart(msg)
+                if i % 50 == 49:  # keep the queues short
+                    while sock.poll(0):
+                        sock.recv_multipart()
+                        replies += 1
+            deadline = time.monotonic() + 20
+            while replies < len(messages) and time.monotonic() < deadline:
+                if sock.poll(200):
+                    frames = sock.recv_multipart()
+                    reply = decode_reply(frames)  # every reply is well-formed
+                    assert reply.ok is False or reply.body is not None
+                    replies += 1
+        finally:
+            sock.close()
+            ctx.term()
+        assert time.monotonic() - start < 60
+        assert d.alive()
+        # Everything got an answer; only the structurally valid RELEASE/ABORT succeed.
+        assert replies == len(messages)
+        stats = d.stats()
+        assert stats["counters"]["requests"] - stats0["counters"]["requests"] == len(messages) + 1
+        assert stats["counters"]["errors"] > len(messages) // 2
+        # a wrong token gets "unauthorized" and the good client still works byte-exact
+        with pytest.raises(DaemonError) as info:
+            conn = DaemonConnection(d.config.mp_url, "wrong")
+            try:
+                conn.request(MsgType.PING, deadline=time.monotonic() + 2)
+            finally:
+                conn.close()
+        assert info.value.code is ErrorCode.UNAUTHORIZED
+        keys = [bytes([i + 1]) * 32 for i in range(4)]
+        res = store.reserve(keys)
+        assert store.save(res, torch.arange(4 * CHUNK)) == 4
+        other = MPStore(d.config, make_buffers(12))
+        try:
+            lease = other.lookup(keys)
+            assert other.load(lease, torch.arange(4 * CHUNK) + 100).chunks_loaded == 4
+            for layer in range(2):
+                for plane in range(2):
+                    assert torch.equal(
+                        other.buffers.plane_rows(layer, plane)[100 : 100 + 4 * CHUNK],
+                        store.buffers.plane_rows(layer, plane)[: 4 * CHUNK],
+                    )
+            other.release(lease)
+        finally:
+            other.close()
+    finally:
+        store.close()
+    assert d.stop() == 0 and d.leftovers() == []
+
+
+def test_leases_and_reservations_expire(workdir, daemons):
+    d = start_daemon(daemons, write_config(workdir, lease_ttl_s=0.6, max_local_cpu_size=4 * SLAB_BYTES / 1024**3))
+    hello = d.request(MsgType.HELLO, hello_body())
+    epoch = {"epoch": hello["epoch"]}
+    keys = tuple(bytes([i + 1]) * 32 for i in range(4))
+    res = d.request(MsgType.RESERVE, epoch, keys)
+    assert d.request(MsgType.COMMIT, {**epoch, "reservation_id": res["reservation_id"]}) == {"committed": 4}
+    lease = d.request(MsgType.LOOKUP, epoch, keys)  # pins all 4 slabs, never released
+    assert lease["slab_ids"] == res["slab_ids"]
+    other = tuple(bytes([i + 50]) * 32 for i in range(2))
+    assert d.request(MsgType.RESERVE, epoch, other)["slab_ids"] == []  # all pinned
+    stale = d.request(MsgType.RESERVE, epoch, (bytes([99]) * 32,))
+    assert stale["slab_ids"] == []
+    time.sleep(0.9)
+    pool = d.stats()["pool"]
+    assert (pool["leases"], pool["pinned_slabs"]) == (0, 0)
+    res2 = d.request(MsgType.RESERVE, epoch, other)
+    assert len(res2["slab_ids"]) == 2  # evicted two expired-lease chunks
+    time.sleep(0.9)  # the reservation expires uncommitted: its commit is refused
+    assert d.request(MsgType.COMMIT, {**epoch, "reservation_id": res2["reservation_id"]}) == {"committed": 0}
+    pool = d.stats()["pool"]
+    assert (pool["reservations"], pool["committed_chunks"], pool["evictions"]) == (0, 2, 2)
+
+
+def test_stats_counters_are_consistent(workdir, daemons):
+    d = start_daemon(daemons, write_config(workdir))
+    store = MPStore(d.config, make_buffers(3))
+    try:
+        keys = [bytes([i + 1]) * 32 for i in range(6)]
+        assert store.save(store.reserve(keys[:4]), torch.arange(4 * CHUNK)) == 4
+        lease = store.lookup(keys)  # 4 hits, 2 misses
+        assert lease.num_chunks == 4
+        assert store.lookup(keys[4:]).num_chunks == 0  # 2 misses
+        stats = store.daemon_stats()
+        c = stats["counters"]
+        assert (c["lookups"], c["hit_chunks"], c["miss_chunks"]) == (2, 4, 4)
+        assert (c["reserved_chunks"], c["committed_chunks"], c["committed_bytes"]) == (4, 4, 4 * SLAB_BYTES)
+        assert stats["hit_rate"] == 0.5
+        assert stats["clients"] == 1
+        pool = stats["pool"]
+        assert (pool["committed_chunks"], pool["pinned_slabs"], pool["leases"], pool["used_slabs"]) == (4, 4, 1, 4)
+        store.release(lease)
+        local = store.stats()
+        assert (local.lookups, local.hit_chunks, local.miss_chunks, local.stored_chunks) == (2, 4, 4, 4)
+        store.clear()
+        pool = store.daemon_stats()["pool"]
+        assert (pool["committed_chunks"], pool["pinned_slabs"], pool["used_slabs"]) == (0, 0, 0)
+    finally:
+        store.close()
+
+
+def _check_load(d, seed: int, chunks: int, hit: int | None = None) -> dict:
+    """A fresh engine loads the prompt of ``seed``; the loaded prefix is byte-exact."""
+    result, kv = engine_load(d.config, seed, chunks)
+    hit = chunks if hit is None else hit
+    assert result == {"hit": hit, "loaded": hit}
+    assert kv == expected_after_load(seed, hit)
+    return result
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_daemon_restart_with_disk_tier_keeps_committed_chunks(workdir, daemons, sig):
+    cfg = write_config(workdir, local_disk=str(workdir / "disk"), max_local_disk_size=1.0, disk_flush_interval_s=0.2)
+    d = start_daemon(daemons, cfg)
+    assert engine_store(d.config, 5, 3) == {"committed": 3}
+    if sig == signal.SIGKILL:
+        time.sleep(0.2 * 3)  # past the flush interval
+        d.kill()
+    else:
+        assert d.stop(sig) == 0 and d.leftovers() == []
+    files = sorted((workdir / "disk").rglob("*.kv"))
+    assert len(files) == 3
+    d2 = start_daemon(daemons, cfg)
+    _check_load(d2, 5, 3)
+    stats = d2.stats()
+    assert stats["counters"]["disk_promotions"] == 3 and stats["disk"]["files"] == 3
+
+
+def test_corrupt_and_torn_disk_files_are_dropped_never_served(workdir, daemons):
+    cfg = write_config(workdir, local_disk=str(workdir / "disk"), max_local_disk_size=1.0)
+    d = start_daemon(daemons, cfg)
+    assert engine_store(d.config, 6, 3) == {"committed": 3}
+    assert d.stop() == 0
+    buffers = make_buffers(6)
+    keys = prompt_keys(buffers, tokens_for(6, 3))
+    disk_dir = next((workdir / "disk").iterdir())
+    second = disk_dir / (keys[1].hex() + ".kv")
+    blob = bytearray(second.read_bytes())
+    blob[-5] ^= 0xFF  # bit rot in the payload: caught by the checksum on load
+    second.write_bytes(bytes(blob))
+    third = disk_dir / (keys[2].hex() + ".kv")
+    third.write_bytes(third.read_bytes()[:100])  # torn: caught when the index is rebuilt
+    d2 = start_daemon(daemons, cfg)
+    _check_load(d2, 6, 3, hit=1)  # the first HELLO rebuilds the index: the torn file goes
+    assert not third.exists() and not second.exists()
+    assert d2.stats()["disk"]["corrupt"] == 2
+
+
+def test_disk_tier_budget_is_lru_and_survives_reopen(tmp_path):
+    slab = 256
+    data = torch.randint(0, 256, (4 * slab,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    gens = np.ones(4, dtype=np.uint64)
+    digest = geometry_digest(make_buffers(1).geometry, CHUNK)
+    file_bytes = 120 + slab  # header: magic, version, reserved, length, digest, key, checksum
+    tier = DiskTier(tmp_path, 3 * file_bytes, digest, data, gens, slab)
+    keys = [bytes([i + 1]) * 32 for i in range(4)]
+    for i in range(3):
+        tier.submit(keys[i], i)
+    tier.flush()
+    dest = torch.zeros(slab, dtype=torch.uint8)
+    assert tier.load_into(keys[0], dest) and torch.equal(dest, data[:slab])  # keys[0] now most recent
+    tier.submit(keys[3], 3)
+    tier.flush()
+    assert [tier.contains(k) for k in keys] == [True, False, True, True]
+    assert sorted(f.stat().st_size for f in tier.directory.iterdir()) == [file_bytes] * 3
+    # The writer re-checks the generation after copying: a slab handed out again
+    # between commit and write is not written (driven directly: the race is timing-bound).
+    gens[2] += np.uint64(1)
+    tier._write(bytes([9]) * 32, 2, int(gens[2]) - 1)
+    assert not tier.contains(bytes([9]) * 32)
+    stats = tier.stats()
+    assert (stats.files, stats.bytes, stats.written, stats.dropped, stats.loads) == (3, 3 * file_bytes, 4, 1, 1)
+    tier.close()
+    reopened = DiskTier(tmp_path, 3 * file_bytes, digest, data, gens, slab)
+    try:
+        assert [reopened.contains(k) for k in keys] == [True, False, True, True]
+        dest.fill_(0)
+        assert reopened.load_into(keys[3], dest) and torch.equal(dest, data[3 * slab :])
+        other = DiskTier(tmp_path, 3 * file_bytes, bytes(32), data, gens, slab)  # another geometry
+        assert not other.contains(keys[3])
+        other.close()
+    finally:
+        reopened.close()
+
+
+def test_cli_ping_and_stats(workdir, daemons):
+    cfg = write_config(workdir)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lmc_transfer.cli", *args, "--config", str(cfg), "--timeout-ms", "300"],
+            cwd=REPO, capture_output=True, text=True, timeout=30,
+        )
+
+    start = time.monotonic()
+    down = cli("ping")
+    assert down.returncode == 1 and ("timed out" in down.stderr or "no connection" in down.stderr), down.stderr
+    assert time.monotonic() - start < 15
+    d = start_daemon(daemons, cfg)
+    up = cli("ping")
+    assert up.returncode == 0 and f"pid {d.proc.pid}" in up.stdout
+    store = MPStore(d.config, make_buffers(4))
+    try:
+        store.save(store.reserve([b"a" * 32, b"b" * 32]), torch.arange(2 * CHUNK))
+        store.lookup([b"a" * 32, b"c" * 32])
+        out = cli("stats")
+        assert out.returncode == 0, out.stderr
+        assert "chunks                 2 / 64 slabs" in out.stdout
+        assert f"bytes                  {2 * SLAB_BYTES}" in out.stdout
+        assert "hit rate               0.500 (1 hit, 1 missed chunks)" in out.stdout
+        assert "clients                1" in out.stdout
+        assert "disk usage             off" in out.stdout
+    finally:
+        store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_loopback_tcp_round_trip(workdir, daemons):
+    cfg = write_config(workdir, mp_socket=None, mp_host="127.0.0.1", mp_port=_free_port())
+    d = start_daemon(daemons, cfg)
+    assert d.config.mp_url.startswith("tcp://127.0.0.1:")
+    assert engine_store(d.config, 8, 2) == {"committed": 2}
+    _check_load(d, 8, 2)
+    assert d.stop() == 0 and d.leftovers() == []
+
+
+def test_non_loopback_tcp_is_refused_unless_allowed():
+    with pytest.raises(ValueError, match="mp_host must be a loopback address unless allow_remote_tcp is true, got '10.1.2.3'"):
+        check_bind_address(LMCTransferConfig(mp_host="10.1.2.3"))
+    assert check_bind_address(LMCTransferConfig(mp_host="10.1.2.3", allow_remote_tcp=True)) == "tcp://10.1.2.3:5555"
+    assert check_bind_address(LMCTransferConfig(mp_host="::1")) == "tcp://[::1]:5555"
