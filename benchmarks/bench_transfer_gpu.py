@@ -165,10 +165,11 @@ def test_layerwise_32_single_layer_transfers(benchmark, monkeypatch, direction, 
     benchmark.pedantic(lambda: (per_layer(), torch.cuda.synchronize()), rounds=5, iterations=1)
 
 
-@pytest.mark.parametrize("path", ["memcpy", TransferPath.ZERO_COPY, TransferPath.STAGED],
-                         ids=["memcpy", "zero_copy", "staged"])
+@pytest.mark.parametrize("path, programs", [("memcpy", None), (TransferPath.ZERO_COPY, 8),
+                                            (TransferPath.ZERO_COPY, 32), (TransferPath.STAGED, None)],
+                         ids=["memcpy", "zero_copy_8", "zero_copy_32", "staged"])
 @pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
-def test_beside_compute_stream(benchmark, direction, path):
+def test_beside_compute_stream(benchmark, direction, path, programs):
     """Transfer on a side stream while 20 bf16 8192^2 matmuls run on the main stream."""
     buffers = _buffers(LLAMA)
     n = 4096
@@ -187,7 +188,7 @@ def test_beside_compute_stream(benchmark, direction, path):
             else:
                 dev.copy_(host, non_blocking=True)
     else:
-        transfer = Transfer(buffers, CHUNK, path=path)
+        transfer = Transfer(buffers, CHUNK, path=path, max_programs=programs)
         prepared = transfer.prepare(slots, slabs)
 
         def transfer_fn():
@@ -217,7 +218,7 @@ def test_beside_compute_stream(benchmark, direction, path):
         slowed.append(start.elapsed_time(c_end))
     both_ms, compute_with_ms = sorted(both)[2], sorted(slowed)[2]
     hidden = (compute_ms + transfer_ms - both_ms) / transfer_ms
-    RESULTS.add(beside_compute=str(getattr(path, "value", path)), direction=direction.value, tokens=n,
+    RESULTS.add(beside_compute=str(getattr(path, "value", path)), programs=programs or "-", direction=direction.value, tokens=n,
                 transfer_alone_ms=transfer_ms, compute_alone_ms=compute_ms, together_ms=both_ms,
                 pct_hidden=100 * min(1.0, hidden), compute_slowdown_pct=100 * (compute_with_ms / compute_ms - 1))
     benchmark.pedantic(lambda: (transfer_fn(), torch.cuda.synchronize()), rounds=3, iterations=1)

@@ -15,6 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 TESTS=${TESTS:-tests/test_kernels.py}
 BENCH=${BENCH:-benchmarks/bench_transfer_gpu.py}
 python3 -P -m pytest $TESTS -m gpu -q -p no:cacheprovider --import-mode=append 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+python3 -P -c "import sys; sys.path.append('.'); from benchmarks.profile_launch import main; main()" 2>&1 \
+  | tee "$OUT/profile.log" | head -45
 if [ -n "$BENCH" ]; then
   LMC_BENCH_REPORT="$OUT/bench.md" python3 -P -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --import-mode=append \
     --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -80

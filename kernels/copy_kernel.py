@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -191,6 +191,17 @@ class CopyPlan:
     slab_table: torch.Tensor | None = None
     slab_table_stream: torch.cuda.Stream | None = None
     slab_table_ready: torch.cuda.Event | None = None
+    _specs: dict[bool, "_LaunchSpec"] = field(default_factory=dict)
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        return _anchor(self.buffers.device)
+
+    def launch_spec(self, gather: bool) -> "_LaunchSpec":
+        spec = self._specs.get(gather)
+        if spec is None:
+            spec = self._specs[gather] = _launch_spec(self, gather)
+        return spec
 
     @property
     def num_tokens(self) -> int:
@@ -370,20 +381,39 @@ def run_copy(
         ):
             plan.error_flag.tensor.fill_(1)
         return
-    geometry = plan.buffers.geometry
-    anchor = _anchor(plan.buffers.device)
-    _ensure_slab_table(plan, anchor, stream)
-    row_words = [b // WORD_BYTES for b in geometry.plane_row_bytes]
+    _ensure_slab_table(plan, plan.anchor, stream)
+    spec = plan.launch_spec(gather)
+    grid = min(len(layers) * spec.tiles_per_layer, max_programs or DEFAULT_MAX_PROGRAMS)
+    _launch(grid, spec, (layers.start, len(layers)), stream)
+
+
+@dataclass(frozen=True)
+class _LaunchSpec:
+    """Everything about a plan's launch that does not change from layer to layer."""
+
+    pointers: tuple[torch.Tensor, ...]
+    head_integers: tuple[int, ...]  # before (layer_start, num_layers)
+    tail_integers: tuple[int, ...]  # after them
+    constants: tuple[int | bool, ...]
+    tiles_per_layer: int
+    key: tuple
+
+
+def _launch_spec(plan: CopyPlan, gather: bool) -> _LaunchSpec:
+    row_words = [b // WORD_BYTES for b in plan.buffers.geometry.plane_row_bytes]
     num_planes = len(row_words)
-    row_words_1 = row_words[1] if num_planes > 1 else 0
-    block_t, block_w = _tile_shape(row_words[:num_planes])
-    n_tiles = len(layers) * num_planes * triton.cdiv(plan.num_tokens, block_t)
-    cap = max_programs or DEFAULT_MAX_PROGRAMS
-    pointers = (anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
-    integers = (plan.num_tokens, plan.token_offset, plan.chunk_size, layers.start, len(layers), first,
-                plan.buffers.num_slots, row_words[0], row_words_1)
+    block_t, block_w = _tile_shape(row_words)
+    pointers = (plan.anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
     constants = (num_planes, gather, block_t, block_w)
-    _launch((min(n_tiles, cap),), pointers, integers, constants, stream)
+    return _LaunchSpec(
+        pointers=pointers,
+        head_integers=(plan.num_tokens, plan.token_offset, plan.chunk_size),
+        tail_integers=(plan.slab_first_layer, plan.buffers.num_slots, row_words[0],
+                       row_words[1] if num_planes > 1 else 0),
+        constants=constants,
+        tiles_per_layer=num_planes * triton.cdiv(plan.num_tokens, block_t),
+        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants),
+    )
 
 
 _NUM_WARPS = 4
@@ -399,32 +429,31 @@ def _fast_launch_enabled() -> bool:
             and _fast_launch_broken is None)
 
 
-def _launch(grid: tuple[int], pointers: tuple, integers: tuple, constants: tuple,
-            stream: torch.cuda.Stream | None) -> None:
+def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: torch.cuda.Stream | None) -> None:
     """Launch, reusing the compiled kernel directly once it exists.
 
     Triton's ``kernel[grid](...)`` re-binds and re-specialises every argument in Python
-    (~20-30 us); the layerwise path launches once per layer, where that would cost more
+    (tens of microseconds); the layerwise path launches once per layer, where that costs more
     than the copy. The compiled kernel's own launcher skips that work. The cache key holds
     everything Triton specialises on here: the constexprs and each pointer's 16-byte alignment
     (integers are not specialised, see ``do_not_specialize``).
     """
-    key = (pointers[0].device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants)
-    compiled = _compiled.get(key) if _fast_launch_enabled() else None
+    args = (*spec.pointers, *spec.head_integers, *layer_args, *spec.tail_integers)
+    compiled = _compiled.get(spec.key) if _fast_launch_enabled() else None
     if compiled is not None:
         try:
             handle = None if stream is None else stream.cuda_stream
-            compiled[(grid[0], 1, 1)](*pointers, *integers, *constants, stream=handle)
+            compiled[(grid, 1, 1)](*args, *spec.constants, stream=handle)
             return
         except (TypeError, IndexError) as exc:  # a Triton whose launcher takes other arguments: use the normal path
             global _fast_launch_broken
             _fast_launch_broken = f"{type(exc).__name__}: {exc}"
             _compiled.clear()
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        compiled = _kv_copy_kernel[grid](*pointers, *integers, **dict(zip(_CONSTEXPR_NAMES, constants)),
-                                         num_warps=_NUM_WARPS)
+        compiled = _kv_copy_kernel[(grid,)](*args, **dict(zip(_CONSTEXPR_NAMES, spec.constants)),
+                                            num_warps=_NUM_WARPS)
     if _fast_launch_enabled() and compiled is not None:
-        _compiled[key] = compiled
+        _compiled[spec.key] = compiled
 
 
 def _copy(

@@ -13,6 +13,7 @@ and the whole slab is one piece.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -46,11 +47,11 @@ class KVGeometry:
             if not shape or any(int(d) <= 0 for d in shape):
                 raise ValueError(f"plane shape must have positive dims, got {shape}")
 
-    @property
+    @functools.cached_property
     def element_bytes(self) -> int:
         return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
-    @property
+    @functools.cached_property
     def plane_row_bytes(self) -> tuple[int, ...]:
         out = []
         for shape in self.plane_shapes:
@@ -60,11 +61,11 @@ class KVGeometry:
             out.append(n * self.element_bytes)
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def token_bytes_per_layer(self) -> int:
         return sum(self.plane_row_bytes)
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         """Bytes of one token over all layers and planes."""
         return self.num_layers * self.token_bytes_per_layer
