@@ -136,7 +136,9 @@ def test_all_layer_throughput(benchmark, direction, model, tokens, page):
 @pytest.mark.parametrize("fast_launch", ["1", "0"], ids=["fast_launch", "triton_launch"])
 @pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
 def test_layerwise_32_single_layer_transfers(benchmark, monkeypatch, direction, fast_launch):
-    monkeypatch.setenv("LMC_TRANSFER_FAST_LAUNCH", fast_launch)
+    from lmc_transfer.kernels import copy_kernel
+
+    monkeypatch.setattr(copy_kernel, "FAST_LAUNCH", fast_launch == "1")
     buffers = _buffers(LLAMA)
     n = 256
     slots = _slots(n, 1)
@@ -157,8 +159,6 @@ def test_layerwise_32_single_layer_transfers(benchmark, monkeypatch, direction, 
         per_layer()
     cpu_us = (time.perf_counter() - t0) / (10 * buffers.num_layers) * 1e6
     torch.cuda.synchronize()
-    from lmc_transfer.kernels import copy_kernel
-
     RESULTS.add(layerwise="32 x 1 layer, 256 tokens", direction=direction.value, fast_launch=fast_launch,
                 fast_launch_broken=str(copy_kernel._fast_launch_broken), GBps=gbps(nbytes, ms),
                 memcpy_GBps=gbps(nbytes, limit), pct_memcpy=100 * limit / ms, cpu_us_per_layer=cpu_us)
@@ -222,3 +222,25 @@ def test_beside_compute_stream(benchmark, direction, path, programs):
                 transfer_alone_ms=transfer_ms, compute_alone_ms=compute_ms, together_ms=both_ms,
                 pct_hidden=100 * min(1.0, hidden), compute_slowdown_pct=100 * (compute_with_ms / compute_ms - 1))
     benchmark.pedantic(lambda: (transfer_fn(), torch.cuda.synchronize()), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("tile_words, num_warps", [(2048, 4), (4096, 4), (4096, 8), (8192, 8)])
+@pytest.mark.parametrize("tokens", [256, 2048])
+@pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
+def test_tile_shape_sweep(benchmark, monkeypatch, direction, tokens, tile_words, num_warps):
+    from lmc_transfer.kernels import copy_kernel
+
+    monkeypatch.setattr(copy_kernel, "_TILE_WORDS", tile_words)
+    monkeypatch.setattr(copy_kernel, "_NUM_WARPS", num_warps)
+    buffers = _buffers(LLAMA)
+    slots = _slots(tokens, 1)
+    slabs = _host_slabs(buffers, tokens)
+    transfer = Transfer(buffers, CHUNK, path=TransferPath.ZERO_COPY)
+    prepared = transfer.prepare(slots, slabs)
+    nbytes = tokens * buffers.geometry.token_bytes
+    ms = cuda_median_ms(lambda: transfer.run(prepared, direction))
+    limit = memcpy_ms(nbytes, to_device=direction is Direction.SCATTER)
+    RESULTS.add(sweep="zero_copy tile shape", tokens=tokens, direction=direction.value, tile_words=tile_words,
+                num_warps=num_warps, GBps=gbps(nbytes, ms), memcpy_GBps=gbps(nbytes, limit),
+                pct_memcpy=100 * limit / ms)
+    benchmark.pedantic(lambda: (transfer.run(prepared, direction), torch.cuda.synchronize()), rounds=3, iterations=1)

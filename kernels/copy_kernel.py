@@ -412,7 +412,7 @@ def _launch_spec(plan: CopyPlan, gather: bool) -> _LaunchSpec:
                        row_words[1] if num_planes > 1 else 0),
         constants=constants,
         tiles_per_layer=num_planes * triton.cdiv(plan.num_tokens, block_t),
-        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants),
+        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, _NUM_WARPS),
     )
 
 
@@ -421,38 +421,40 @@ _CONSTEXPR_NAMES = ("NUM_PLANES", "GATHER", "BLOCK_T", "BLOCK_W")
 _compiled: dict[tuple, object] = {}
 
 
+#: Launch through the compiled kernel's own launcher once it exists (see ``_launch``);
+#: set LMC_TRANSFER_FAST_LAUNCH=0 to always go through ``kernel[grid](...)``.
+FAST_LAUNCH = os.environ.get("LMC_TRANSFER_FAST_LAUNCH", "1") != "0"
 _fast_launch_broken: str | None = None
 
 
-def _fast_launch_enabled() -> bool:
-    return (os.environ.get("LMC_TRANSFER_FAST_LAUNCH", "1") != "0" and not _interpreting()
-            and _fast_launch_broken is None)
-
-
 def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: torch.cuda.Stream | None) -> None:
-    """Launch, reusing the compiled kernel directly once it exists.
+    """Launch, calling the compiled kernel's launcher directly once it exists.
 
     Triton's ``kernel[grid](...)`` re-binds and re-specialises every argument in Python
-    (tens of microseconds); the layerwise path launches once per layer, where that costs more
-    than the copy. The compiled kernel's own launcher skips that work. The cache key holds
-    everything Triton specialises on here: the constexprs and each pointer's 16-byte alignment
-    (integers are not specialised, see ``do_not_specialize``).
+    (30-90 us measured on an H200 host); the layerwise path launches once per layer, where
+    that costs more than the copy itself (~20 us for 256 tokens of one Llama-8B layer). The
+    cache key holds everything Triton specialises on here: the constexprs and each pointer's
+    16-byte alignment (integers are not specialised, see ``do_not_specialize``). Triton's launch
+    hooks (profilers) are bypassed on this path.
     """
+    global _fast_launch_broken
     args = (*spec.pointers, *spec.head_integers, *layer_args, *spec.tail_integers)
-    compiled = _compiled.get(spec.key) if _fast_launch_enabled() else None
+    fast = FAST_LAUNCH and _fast_launch_broken is None and spec.pointers[0].is_cuda
+    compiled = _compiled.get(spec.key) if fast else None
     if compiled is not None:
+        handle = (stream if stream is not None else torch.cuda.current_stream()).cuda_stream
         try:
-            handle = None if stream is None else stream.cuda_stream
-            compiled[(grid, 1, 1)](*args, *spec.constants, stream=handle)
+            compiled.run(grid, 1, 1, handle, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *spec.constants)
             return
-        except (TypeError, IndexError) as exc:  # a Triton whose launcher takes other arguments: use the normal path
-            global _fast_launch_broken
+        except (TypeError, AttributeError, IndexError) as exc:  # another Triton's launcher signature
             _fast_launch_broken = f"{type(exc).__name__}: {exc}"
             _compiled.clear()
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         compiled = _kv_copy_kernel[(grid,)](*args, **dict(zip(_CONSTEXPR_NAMES, spec.constants)),
                                             num_warps=_NUM_WARPS)
-    if _fast_launch_enabled() and compiled is not None:
+    if fast and compiled is not None:
+        compiled._init_handles()
         _compiled[spec.key] = compiled
 
 
