@@ -223,24 +223,3 @@ def test_beside_compute_stream(benchmark, direction, path, programs):
                 pct_hidden=100 * min(1.0, hidden), compute_slowdown_pct=100 * (compute_with_ms / compute_ms - 1))
     benchmark.pedantic(lambda: (transfer_fn(), torch.cuda.synchronize()), rounds=3, iterations=1)
 
-
-@pytest.mark.parametrize("tile_words, num_warps", [(2048, 4), (4096, 4), (4096, 8), (8192, 8)])
-@pytest.mark.parametrize("tokens", [256, 2048])
-@pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
-def test_tile_shape_sweep(benchmark, monkeypatch, direction, tokens, tile_words, num_warps):
-    from lmc_transfer.kernels import copy_kernel
-
-    monkeypatch.setattr(copy_kernel, "_TILE_WORDS", tile_words)
-    monkeypatch.setattr(copy_kernel, "_NUM_WARPS", num_warps)
-    buffers = _buffers(LLAMA)
-    slots = _slots(tokens, 1)
-    slabs = _host_slabs(buffers, tokens)
-    transfer = Transfer(buffers, CHUNK, path=TransferPath.ZERO_COPY)
-    prepared = transfer.prepare(slots, slabs)
-    nbytes = tokens * buffers.geometry.token_bytes
-    ms = cuda_median_ms(lambda: transfer.run(prepared, direction))
-    limit = memcpy_ms(nbytes, to_device=direction is Direction.SCATTER)
-    RESULTS.add(sweep="zero_copy tile shape", tokens=tokens, direction=direction.value, tile_words=tile_words,
-                num_warps=num_warps, GBps=gbps(nbytes, ms), memcpy_GBps=gbps(nbytes, limit),
-                pct_memcpy=100 * limit / ms)
-    benchmark.pedantic(lambda: (transfer.run(prepared, direction), torch.cuda.synchronize()), rounds=3, iterations=1)

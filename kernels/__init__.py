@@ -15,6 +15,7 @@ from .copy_kernel import (
     plan_copy,
     run_copy,
     scatter,
+    word_offsets,
 )
 from .layout import ACCESS_BYTES, KVBuffers, KVGeometry, LayoutKind
 from .reference import reference_copy
@@ -35,4 +36,5 @@ __all__ = [
     "reference_copy",
     "run_copy",
     "scatter",
+    "word_offsets",
 ]

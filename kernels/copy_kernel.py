@@ -29,7 +29,11 @@ WORDS_PER_ACCESS = ACCESS_BYTES // WORD_BYTES
 #: while leaving the SMs to the engine's compute.
 DEFAULT_MAX_PROGRAMS = 32
 _MAX_BLOCK_WORDS = 512
-_TILE_WORDS = 2048  # words one program moves per step: BLOCK_T tokens x BLOCK_W words
+#: Bytes in flight across all programs: PCIe reads need ~bandwidth x latency (55 GB/s x ~1.5 us
+#: ~ 80 KB) outstanding. Fewer programs (to leave SMs to the engine) get bigger tiles, so a
+#: small program cap still keeps the link busy. Measured best at 32 programs: 2048-word tiles.
+_WORDS_IN_FLIGHT = 32 * 2048
+_MIN_TILE_WORDS, _MAX_TILE_WORDS = 2048, 8192
 
 
 _INT_ARGS = ("num_tokens", "token_offset", "chunk_size", "layer_start", "num_layers", "slab_first_layer",
@@ -134,7 +138,7 @@ def _anchor(device: torch.device) -> torch.Tensor:
     return anchor
 
 
-def _word_offsets(addresses: Sequence[int], anchor: torch.Tensor, stream: torch.cuda.Stream | None = None
+def word_offsets(addresses: Sequence[int], anchor: torch.Tensor, stream: torch.cuda.Stream | None = None
                   ) -> torch.Tensor:
     """An address table on the anchor's device; with ``stream``, copied asynchronously on it
     (the kernel that reads the table runs on that stream), else copied synchronously."""
@@ -155,7 +159,7 @@ def _plane_table(buffers: KVBuffers) -> torch.Tensor:
     if cached is not None and cached[0] is buffers:
         return cached[1]
     addresses = [t.data_ptr() for planes in buffers.planes for t in planes]
-    table = _word_offsets(addresses, _anchor(buffers.device))
+    table = word_offsets(addresses, _anchor(buffers.device))
     _plane_tables[id(buffers)] = (buffers, table)
     return table
 
@@ -191,16 +195,16 @@ class CopyPlan:
     slab_table: torch.Tensor | None = None
     slab_table_stream: torch.cuda.Stream | None = None
     slab_table_ready: torch.cuda.Event | None = None
-    _specs: dict[bool, "_LaunchSpec"] = field(default_factory=dict)
+    _specs: dict[tuple[bool, int], "_LaunchSpec"] = field(default_factory=dict)
 
     @property
     def anchor(self) -> torch.Tensor:
         return _anchor(self.buffers.device)
 
-    def launch_spec(self, gather: bool) -> "_LaunchSpec":
-        spec = self._specs.get(gather)
+    def launch_spec(self, gather: bool, programs: int) -> "_LaunchSpec":
+        spec = self._specs.get((gather, programs))
         if spec is None:
-            spec = self._specs[gather] = _launch_spec(self, gather)
+            spec = self._specs[gather, programs] = _launch_spec(self, gather, programs)
         return spec
 
     @property
@@ -315,15 +319,15 @@ def _ensure_slab_table(plan: CopyPlan, anchor: torch.Tensor, stream: torch.cuda.
     """Upload the slab table on the stream of the first launch; other streams wait for it."""
     if not anchor.is_cuda:
         if plan.slab_table is None:
-            plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor)
+            plan.slab_table = word_offsets([s.data_ptr() for s in plan.slabs], anchor)
         return
     stream = stream if stream is not None else torch.cuda.current_stream(anchor.device)
     if plan.slab_table is None:
-        plan.slab_table = _word_offsets([s.data_ptr() for s in plan.slabs], anchor, stream)
+        plan.slab_table = word_offsets([s.data_ptr() for s in plan.slabs], anchor, stream)
         plan.slab_table_stream = stream
         plan.slab_table_ready = torch.cuda.Event()
         plan.slab_table_ready.record(stream)
-    elif stream != plan.slab_table_stream:
+    elif plan.slab_table_ready is not None and stream != plan.slab_table_stream:
         stream.wait_event(plan.slab_table_ready)
 
 
@@ -338,13 +342,17 @@ def _use_triton(plan: CopyPlan, backend: Backend) -> bool:
     return on_cuda or _interpreting()
 
 
-def _tile_shape(row_words: Sequence[int]) -> tuple[int, int]:
+def _tile_words(programs: int) -> int:
+    return min(_MAX_TILE_WORDS, max(_MIN_TILE_WORDS, triton.next_power_of_2(_WORDS_IN_FLIGHT // programs)))
+
+
+def _tile_shape(row_words: Sequence[int], tile_words: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_W): BLOCK_W is the largest power of two dividing every row (rows are
     multiples of 4 words, so it is at least one 16-byte vector)."""
     block_w = _MAX_BLOCK_WORDS
     while any(r % block_w for r in row_words):
         block_w //= 2
-    return max(1, _TILE_WORDS // block_w), block_w
+    return max(1, tile_words // block_w), block_w
 
 
 def run_copy(
@@ -382,8 +390,9 @@ def run_copy(
             plan.error_flag.tensor.fill_(1)
         return
     _ensure_slab_table(plan, plan.anchor, stream)
-    spec = plan.launch_spec(gather)
-    grid = min(len(layers) * spec.tiles_per_layer, max_programs or DEFAULT_MAX_PROGRAMS)
+    programs = max_programs or DEFAULT_MAX_PROGRAMS
+    spec = plan.launch_spec(gather, programs)
+    grid = min(len(layers) * spec.tiles_per_layer, programs)
     _launch(grid, spec, (layers.start, len(layers)), stream)
 
 
@@ -396,15 +405,18 @@ class _LaunchSpec:
     tail_integers: tuple[int, ...]  # after them
     constants: tuple[int | bool, ...]
     tiles_per_layer: int
+    num_warps: int
     key: tuple
 
 
-def _launch_spec(plan: CopyPlan, gather: bool) -> _LaunchSpec:
+def _launch_spec(plan: CopyPlan, gather: bool, programs: int) -> _LaunchSpec:
     row_words = [b // WORD_BYTES for b in plan.buffers.geometry.plane_row_bytes]
     num_planes = len(row_words)
-    block_t, block_w = _tile_shape(row_words)
+    tile_words = _tile_words(programs)
+    block_t, block_w = _tile_shape(row_words, tile_words)
     pointers = (plan.anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
     constants = (num_planes, gather, block_t, block_w)
+    num_warps = 4 if tile_words <= _MIN_TILE_WORDS else 8
     return _LaunchSpec(
         pointers=pointers,
         head_integers=(plan.num_tokens, plan.token_offset, plan.chunk_size),
@@ -412,11 +424,11 @@ def _launch_spec(plan: CopyPlan, gather: bool) -> _LaunchSpec:
                        row_words[1] if num_planes > 1 else 0),
         constants=constants,
         tiles_per_layer=num_planes * triton.cdiv(plan.num_tokens, block_t),
-        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, _NUM_WARPS),
+        num_warps=num_warps,
+        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, num_warps),
     )
 
 
-_NUM_WARPS = 4
 _CONSTEXPR_NAMES = ("NUM_PLANES", "GATHER", "BLOCK_T", "BLOCK_W")
 _compiled: dict[tuple, object] = {}
 
@@ -452,7 +464,7 @@ def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: t
             _compiled.clear()
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         compiled = _kv_copy_kernel[(grid,)](*args, **dict(zip(_CONSTEXPR_NAMES, spec.constants)),
-                                            num_warps=_NUM_WARPS)
+                                            num_warps=spec.num_warps)
     if fast and compiled is not None:
         compiled._init_handles()
         _compiled[spec.key] = compiled

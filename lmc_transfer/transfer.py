@@ -25,10 +25,10 @@ from typing import Sequence
 
 import torch
 
-from lmc_transfer.kernels import CopyPlan, Direction, KVBuffers, plan_copy, run_copy
+from lmc_transfer.kernels import CopyPlan, Direction, KVBuffers, plan_copy, run_copy, word_offsets
 
 DEFAULT_STAGING_BYTES = 64 << 20
-DEFAULT_AUTO_STAGED_MIN_BYTES = 8 << 20
+DEFAULT_AUTO_STAGED_MIN_BYTES = 512 << 20
 _STAGING_BUFFERS = 4
 
 
@@ -57,6 +57,19 @@ class _StagingRing:
         self.free_events: list[torch.cuda.Event | None] = [None] * _STAGING_BUFFERS
         self.copy_stream = torch.cuda.Stream(device=device, priority=-1)
         self.next = 0
+        self.pieces: dict[tuple[int, int, int, int], tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    def piece(self, index: int, num_chunks: int, layers: range, layer_bytes: int, anchor: torch.Tensor
+              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Staging views for one piece and their address table, built once per piece shape."""
+        key = (index, num_chunks, layers.start, len(layers))
+        cached = self.pieces.get(key)
+        if cached is None:
+            piece_bytes = len(layers) * layer_bytes
+            staging = self.buffers[index]
+            views = [staging[i * piece_bytes:(i + 1) * piece_bytes] for i in range(num_chunks)]
+            cached = self.pieces[key] = (views, word_offsets([v.data_ptr() for v in views], anchor))
+        return cached
 
     def acquire(self, writer: torch.cuda.Stream) -> int:
         """Next buffer; ``writer`` (the stream that fills it) waits until its last reader is done."""
@@ -189,19 +202,21 @@ class Transfer:
         cs = self.chunk_size
         head_tokens = 0 if plan.token_offset == 0 else min(plan.num_tokens, cs - plan.token_offset)
         gather = direction is Direction.GATHER
-        copy_stream.wait_stream(stream)  # the caller's earlier work on `stream` (e.g. the layer's forward) first
+        # No wait on `stream` before the first host->staging copy of a scatter: it reads only host
+        # slabs and a free staging buffer, so it may run ahead of whatever `stream` is doing.
         for chunk_range, piece_layers in self._pieces(prepared, layers, ring.buffer_bytes):
             index = ring.acquire(stream if gather else copy_stream)
-            staging = ring.buffers[index]
-            piece_bytes = len(piece_layers) * self.layer_bytes
-            staging_slabs = [staging[i * piece_bytes:(i + 1) * piece_bytes] for i in range(len(chunk_range))]
+            staging_slabs, slab_table = ring.piece(index, len(chunk_range), piece_layers, self.layer_bytes,
+                                                   plan.anchor)
             host_pieces = [
                 plan.slabs[c][piece_layers.start * self.layer_bytes:piece_layers.stop * self.layer_bytes]
                 for c in chunk_range
             ]
             t0 = head_tokens + (chunk_range.start - prepared.full_chunks.start) * cs
-            piece_plan = plan_copy(self.buffers, plan.slots[t0:t0 + len(chunk_range) * cs], staging_slabs,
-                                   chunk_size=cs, slab_layers=piece_layers, error_flag=plan.error_flag)
+            piece_plan = CopyPlan(buffers=self.buffers, slots=plan.slots[t0:t0 + len(chunk_range) * cs],
+                                  slabs=tuple(staging_slabs), chunk_size=cs, token_offset=0,
+                                  slab_first_layer=piece_layers.start, slab_layer_count=len(piece_layers),
+                                  error_flag=plan.error_flag, slab_table=slab_table)
             if gather:
                 run_copy(piece_plan, Direction.GATHER, layers=piece_layers, max_programs=self.max_programs)
                 copy_stream.wait_stream(stream)
