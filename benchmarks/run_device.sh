@@ -6,10 +6,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-.out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# The package maps kernels/ and radix/ under lmc_transfer (pyproject package-dir); mirror that without pip.
-rm -rf /tmp/site/lmc_transfer && cp -r lmc_transfer /tmp/site/lmc_transfer \
-  && cp -r kernels /tmp/site/lmc_transfer/kernels && cp -r radix /tmp/site/lmc_transfer/radix
 export PYTHONPATH=/tmp/site
+# An editable install maps kernels/ and radix/ under lmc_transfer (pyproject package-dir),
+# also for the daemon subprocesses the tests start from the repo root.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 TESTS=${TESTS:-tests/test_kernels.py}
