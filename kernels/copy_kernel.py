@@ -25,9 +25,10 @@ from .reference import reference_copy
 
 WORD_BYTES = 4
 WORDS_PER_ACCESS = ACCESS_BYTES // WORD_BYTES
-#: Default cap on persistent programs; 16 already saturates PCIe (measured in benchmarks/RESULTS.md)
-#: while leaving the SMs to the engine's compute.
-DEFAULT_MAX_PROGRAMS = 32
+#: Default cap on persistent programs. With tiles sized by ``_tile_words`` 8 programs move as much
+#: as 32 or 132 (92-94% of memcpy on an H200, benchmarks/RESULTS.md) and leave the other SMs to
+#: the engine's compute.
+DEFAULT_MAX_PROGRAMS = 8
 _MAX_BLOCK_WORDS = 512
 #: Bytes in flight across all programs: PCIe reads need ~bandwidth x latency (55 GB/s x ~1.5 us
 #: ~ 80 KB) outstanding. Fewer programs (to leave SMs to the engine) get bigger tiles, so a

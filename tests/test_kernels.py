@@ -20,7 +20,7 @@ from lmc_transfer.kernels import (
     run_copy,
     scatter,
 )
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.transfer import AutoRule, Transfer, TransferPath
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, clone_buffers, make_buffers, random_slabs
 
@@ -254,7 +254,7 @@ def test_transfer_paths_match_oracle(path, direction, token_offset, n, device):
     slabs = random_slabs(num_slabs, buffers.geometry.slab_bytes(CHUNK), gen, pin=device == "cuda")
     layer_bytes = buffers.geometry.layer_bytes(CHUNK)
     # staging that holds one layer of one chunk per buffer forces many pipeline pieces
-    transfer = Transfer(buffers, CHUNK, path=path, staging_bytes=4 * layer_bytes, auto_staged_min_bytes=layer_bytes)
+    transfer = Transfer(buffers, CHUNK, path=path, staging_bytes=4 * layer_bytes, auto_rule=AutoRule(layer_bytes, layer_bytes))
     if direction is Direction.GATHER:
         expected = _oracle_gather(buffers, slots, [s.cpu() for s in slabs], token_offset, range(4))
         transfer.gather(slots, slabs, token_offset=token_offset)
@@ -277,7 +277,7 @@ def test_staged_path_is_taken_and_plan_reusable_per_layer():
     slabs = random_slabs(4, buffers.geometry.slab_bytes(CHUNK), gen, pin=True)
     layer_bytes = buffers.geometry.layer_bytes(CHUNK)
     transfer = Transfer(buffers, CHUNK, path=TransferPath.AUTO, staging_bytes=8 * layer_bytes,
-                        auto_staged_min_bytes=layer_bytes)
+                        auto_rule=AutoRule(layer_bytes, layer_bytes))
     prepared = transfer.prepare(slots, slabs)
     expected = _oracle_gather(buffers, slots, [s.clone() for s in slabs], 0, range(4))
     taken = {transfer.run(prepared, Direction.GATHER, layers=range(layer, layer + 1)) for layer in range(4)}
