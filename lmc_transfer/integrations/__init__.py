@@ -1,0 +1,1 @@
+"""Bridges to inference engines (SGLang); each module imports its engine lazily."""
