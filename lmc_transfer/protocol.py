@@ -1,14 +1,22 @@
 """Wire format between MP clients and the cache daemon.
 
-A message is one JSON header frame (UTF-8, at most ``MAX_HEADER_BYTES``) followed by
-zero or more key frames, each exactly ``KEY_BYTES`` raw bytes. No pickle: the
-daemon parses untrusted input with ``json`` and length checks only.
+A message is one JSON header frame (UTF-8, at most ``MAX_HEADER_BYTES``). Keyed
+requests (LOOKUP, RESERVE) carry exactly one more frame: all their keys
+concatenated, ``nkeys * KEY_BYTES`` raw bytes, where ``nkeys`` is a header field.
+One frame instead of one per key because ZMQ's per-frame cost dominated a
+128-key LOOKUP. No pickle: the daemon parses untrusted input with ``json`` and
+length checks only.
 
 Request header: ``{"v": PROTOCOL_VERSION, "type": "LOOKUP", "id": 7, "token": "...",
-"body": {...}}`` (``token`` only when the daemon has a shared secret).
+"nkeys": 128, "body": {...}}`` (``token`` only when the daemon has a shared
+secret; ``nkeys`` on keyed requests only, and required there).
 Reply header: ``{"v": PROTOCOL_VERSION, "id": 7, "ok": true, "body": {...}}`` or
 ``{"v": ..., "id": 7, "ok": false, "code": "bad_request", "error": "..."}``.
-Replies carry no key frames: slab ids and generations are small JSON lists.
+Replies carry the integer lists of ``ARRAY_FIELDS`` (slab ids, generations, chunk
+indices) outside the JSON: the header lists their names in ``"arrays"`` and their
+common length in ``"alen"``, and one raw frame holds them back to back as
+little-endian uint64. ``encode_reply`` moves those body fields there and
+``decode_reply`` puts them back as lists of ints, so callers see plain bodies.
 
 Decoding is strict: unknown fields, wrong types, bad sizes and unknown types raise
 ``ProtocolError`` whose message names the problem; the daemon sends that message
@@ -18,10 +26,14 @@ back as an error reply.
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
 
 PROTOCOL_VERSION = 1
 KEY_BYTES = 32
@@ -44,7 +56,7 @@ class MsgType(str, enum.Enum):
     CLEAR = "CLEAR"
 
 
-#: Request types that carry key frames; every other type must carry none.
+#: Request types that carry the key frame; every other type must carry none.
 KEYED_TYPES = frozenset({MsgType.LOOKUP, MsgType.RESERVE})
 
 
@@ -83,8 +95,11 @@ class Reply:
     error: str | None = None
 
 
-_REQUEST_FIELDS = {"v", "type", "id", "token", "body"}
-_REPLY_FIELDS = {"v", "id", "ok", "body", "code", "error"}
+_REQUEST_FIELDS = {"v", "type", "id", "token", "nkeys", "body"}
+_REPLY_FIELDS = {"v", "id", "ok", "body", "code", "error", "arrays", "alen"}
+#: Reply body fields that travel as the raw uint64 array frame; all have one length.
+ARRAY_FIELDS = ("chunk_indices", "slab_ids", "generations")
+_U64 = np.dtype("<u8")
 
 
 def _dumps(header: dict[str, Any]) -> bytes:
@@ -130,24 +145,53 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_keys(keys: Sequence[bytes], error: type[Exception] = ValueError) -> tuple[bytes, ...]:
+    """``keys`` as a tuple after checking each is ``KEY_BYTES`` of ``bytes``; at most ``MAX_KEYS``."""
+    out = tuple(keys)
+    if len(out) > MAX_KEYS:
+        raise ValueError(f"keys: at most {MAX_KEYS} keys per request, got {len(out)}")
+    # Whole-sequence checks run in C; the per-key loop only finds the culprit.
+    if out and (set(map(type, out)) != {bytes} or set(map(len, out)) != {KEY_BYTES}):
+        for i, key in enumerate(out):
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise error(f"keys[{i}] must be {KEY_BYTES} bytes, got {key!r:.80}")
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _key_splitter(nkeys: int) -> struct.Struct:
+    return struct.Struct(f"{KEY_BYTES}s" * nkeys)
+
+
+def split_keys(blob: bytes, nkeys: int) -> tuple[bytes, ...]:
+    """The ``nkeys`` keys of one key frame; ``ProtocolError`` unless its length matches."""
+    if len(blob) != nkeys * KEY_BYTES:
+        raise ProtocolError(
+            f"key frame is {len(blob)} bytes, expected nkeys * {KEY_BYTES} = {nkeys * KEY_BYTES}"
+            + ("" if len(blob) % KEY_BYTES else f" (it holds {len(blob) // KEY_BYTES} keys)")
+        )
+    return _key_splitter(nkeys).unpack(blob) if nkeys else ()
+
+
 def encode_request(request: Request) -> list[bytes]:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": request.type.value, "id": request.request_id, "body": request.body}
     if request.token is not None:
         header["token"] = request.token
-    for i, key in enumerate(request.keys):
-        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-            raise ValueError(f"keys[{i}] must be {KEY_BYTES} bytes, got {key!r:.80}")
-    if len(request.keys) > MAX_KEYS:
-        raise ValueError(f"a request carries at most {MAX_KEYS} keys, got {len(request.keys)}")
-    return [_dumps(header), *request.keys]
+    keys = check_keys(request.keys)
+    if request.type not in KEYED_TYPES:
+        if keys:
+            raise ValueError(f"keys: {request.type.value} takes no keys, got {len(keys)}")
+        return [_dumps(header)]
+    header["nkeys"] = len(keys)
+    return [_dumps(header), b"".join(keys)]
 
 
 def decode_request(frames: Sequence[bytes]) -> Request:
     """Parse a request; ``frames`` excludes the ROUTER identity frame."""
     if not frames:
         raise ProtocolError("empty message: expected a header frame")
-    if len(frames) - 1 > MAX_KEYS:
-        raise ProtocolError(f"message has {len(frames) - 1} key frames, the limit is {MAX_KEYS}")
+    if len(frames) > 2:
+        raise ProtocolError(f"message has {len(frames)} frames, expected a header and at most one key frame")
     header = _loads(frames[0], "request")
     extra = set(header) - _REQUEST_FIELDS
     if extra:
@@ -165,28 +209,41 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     token = header.get("token")
     if token is not None and not isinstance(token, str):
         raise ProtocolError(f"token must be a string, got {type(token).__name__}")
-    keys = tuple(bytes(f) for f in frames[1:])
-    if keys and msg_type not in KEYED_TYPES:
-        raise ProtocolError(f"{msg_type.value} takes no key frames, got {len(keys)}")
-    for i, key in enumerate(keys):
-        if len(key) != KEY_BYTES:
-            raise ProtocolError(f"key frame {i} is {len(key)} bytes, expected exactly {KEY_BYTES}")
+    keys: tuple[bytes, ...] = ()
+    if msg_type in KEYED_TYPES:
+        nkeys = header.get("nkeys")
+        if not is_int(nkeys) or not 0 <= nkeys <= MAX_KEYS:
+            raise ProtocolError(f"nkeys must be an integer in [0, {MAX_KEYS}] (the limit is {MAX_KEYS}), got {nkeys!r:.64}")
+        if len(frames) != 2:
+            raise ProtocolError(f"{msg_type.value} needs exactly one key frame after the header, got {len(frames) - 1}")
+        keys = split_keys(bytes(frames[1]), nkeys)
+    elif len(frames) > 1 or "nkeys" in header:
+        raise ProtocolError(f"{msg_type.value} takes no key frame and no nkeys field")
     return Request(type=msg_type, request_id=request_id, body=body, keys=keys, token=token)
 
 
 def encode_reply(reply: Reply) -> list[bytes]:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": reply.request_id, "ok": reply.ok}
-    if reply.ok:
-        header["body"] = reply.body
-    else:
+    if not reply.ok:
         header["code"] = (reply.code or ErrorCode.INTERNAL).value
         header["error"] = reply.error or ""
-    return [_dumps(header)]
+        return [_dumps(header)]
+    names = [name for name in ARRAY_FIELDS if name in reply.body]
+    if not names:
+        header["body"] = reply.body
+        return [_dumps(header)]
+    header["body"] = {k: v for k, v in reply.body.items() if k not in names}
+    arrays = [np.asarray(reply.body[name], dtype=_U64) for name in names]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"reply arrays {names} must be 1-D and of one length, got shapes {[a.shape for a in arrays]}")
+    header["arrays"] = names
+    header["alen"] = len(arrays[0])
+    return [_dumps(header), b"".join(a.tobytes() for a in arrays)]
 
 
 def decode_reply(frames: Sequence[bytes]) -> Reply:
-    if len(frames) != 1:
-        raise ProtocolError(f"a reply is exactly one header frame, got {len(frames)} frames")
+    if len(frames) not in (1, 2):
+        raise ProtocolError(f"a reply is one header frame and at most one array frame, got {len(frames)} frames")
     header = _loads(frames[0], "reply")
     extra = set(header) - _REPLY_FIELDS
     if extra:
@@ -196,10 +253,15 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
     ok = header.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError(f"ok must be a boolean, got {ok!r}")
+    has_arrays = "arrays" in header or "alen" in header
+    if has_arrays != (len(frames) == 2) or (has_arrays and not ok):
+        raise ProtocolError("an array frame comes with arrays/alen header fields on an ok reply, and only then")
     if ok:
         body = header.get("body", {})
         if not isinstance(body, dict):
             raise ProtocolError(f"body must be a JSON object, got {type(body).__name__}")
+        if has_arrays:
+            body = {**body, **_decode_arrays(header, frames[1], body)}
         return Reply(request_id=request_id, ok=True, body=body)
     try:
         code = ErrorCode(header.get("code"))
@@ -209,6 +271,26 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
     if not isinstance(error, str):
         raise ProtocolError(f"error must be a string, got {type(error).__name__}")
     return Reply(request_id=request_id, ok=False, code=code, error=error)
+
+
+def _decode_arrays(header: dict[str, Any], frame: bytes, body: dict[str, Any]) -> dict[str, list[int]]:
+    names, alen = header.get("arrays"), header.get("alen")
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+        or not set(names) <= set(ARRAY_FIELDS)
+        or set(names) & set(body)
+    ):
+        raise ProtocolError(f"arrays must be distinct names from {list(ARRAY_FIELDS)} not also in the body, got {names!r:.128}")
+    if not is_int(alen) or not 0 <= alen <= MAX_KEYS:
+        raise ProtocolError(f"alen must be an integer in [0, {MAX_KEYS}], got {alen!r:.64}")
+    expected = len(names) * alen * _U64.itemsize
+    if len(frame) != expected:
+        raise ProtocolError(f"array frame is {len(frame)} bytes, expected {len(names)} arrays * {alen} * 8 = {expected}")
+    rows = np.frombuffer(frame, dtype=_U64).reshape(len(names), alen).tolist()
+    return dict(zip(names, rows))
 
 
 def check_token(expected: str | None, given: str | None) -> None:

@@ -41,13 +41,24 @@ def header(**fields) -> bytes:
 def test_request_round_trip_keeps_every_field():
     req = Request(MsgType.LOOKUP, 42, {"epoch": "abc"}, KEYS, token="s3cret")
     frames = encode_request(req)
-    assert frames[1:] == list(KEYS)
+    assert len(frames) == 2 and frames[1] == b"".join(KEYS)
+    assert json.loads(frames[0])["nkeys"] == 3
     assert decode_request(frames) == req
+    ping = encode_request(Request(MsgType.PING, 1))
+    assert len(ping) == 1 and "nkeys" not in json.loads(ping[0])
+    empty = encode_request(Request(MsgType.RESERVE, 2))
+    assert empty[1] == b"" and decode_request(empty).keys == ()
 
 
 def test_reply_round_trip_ok_and_error():
-    ok = Reply(7, True, {"slab_ids": [1, 2]})
-    assert decode_reply(encode_reply(ok)) == ok
+    ok = Reply(7, True, {"lease_id": 3, "slab_ids": [1, 2], "generations": [2**64 - 1, 0]})
+    frames = encode_reply(ok)
+    assert json.loads(frames[0]) == {"v": 1, "id": 7, "ok": True, "body": {"lease_id": 3}, "arrays": ["slab_ids", "generations"], "alen": 2}
+    assert frames[1] == np.array([1, 2, 2**64 - 1, 0], dtype="<u8").tobytes()
+    assert decode_reply(frames) == ok
+    assert decode_reply(encode_reply(Reply(1, True, {"slab_ids": []}))) == Reply(1, True, {"slab_ids": []})
+    plain = Reply(9, True, {"pid": 5})
+    assert len(encode_reply(plain)) == 1 and decode_reply(encode_reply(plain)) == plain
     err = Reply(8, False, code=ErrorCode.GEOMETRY, error="nope")
     assert decode_reply(encode_reply(err)) == Reply(8, False, {}, ErrorCode.GEOMETRY, "nope")
 
@@ -70,10 +81,17 @@ def test_reply_round_trip_ok_and_error():
         ([header(type=None)], ErrorCode.BAD_REQUEST, "unknown message type None"),
         ([header(body=[])], ErrorCode.BAD_REQUEST, "body must be a JSON object, got list"),
         ([header(token=5)], ErrorCode.BAD_REQUEST, "token must be a string"),
-        ([header(), KEYS[0]], ErrorCode.BAD_REQUEST, "PING takes no key frames, got 1"),
-        ([header(type="LOOKUP"), b"x" * 31], ErrorCode.BAD_REQUEST, "key frame 0 is 31 bytes, expected exactly 32"),
-        ([header(type="LOOKUP"), KEYS[0], b""], ErrorCode.BAD_REQUEST, "key frame 1 is 0 bytes"),
-        ([header(type="LOOKUP")] + [KEYS[0]] * (MAX_KEYS + 1), ErrorCode.BAD_REQUEST, f"the limit is {MAX_KEYS}"),
+        ([header(), KEYS[0]], ErrorCode.BAD_REQUEST, "PING takes no key frame and no nkeys field"),
+        ([header(nkeys=0)], ErrorCode.BAD_REQUEST, "PING takes no key frame and no nkeys field"),
+        ([header(type="LOOKUP"), KEYS[0]], ErrorCode.BAD_REQUEST, "nkeys must be an integer in [0, 4096]"),
+        ([header(type="LOOKUP", nkeys=True), KEYS[0]], ErrorCode.BAD_REQUEST, "nkeys must be an integer"),
+        ([header(type="LOOKUP", nkeys=MAX_KEYS + 1), KEYS[0] * (MAX_KEYS + 1)], ErrorCode.BAD_REQUEST, f"the limit is {MAX_KEYS}"),
+        ([header(type="LOOKUP", nkeys=1)], ErrorCode.BAD_REQUEST, "LOOKUP needs exactly one key frame after the header, got 0"),
+        ([header(type="LOOKUP", nkeys=1), b"x" * 31], ErrorCode.BAD_REQUEST, "key frame is 31 bytes, expected nkeys * 32 = 32"),
+        ([header(type="LOOKUP", nkeys=1), b"x" * 33], ErrorCode.BAD_REQUEST, "key frame is 33 bytes, expected nkeys * 32 = 32"),
+        ([header(type="LOOKUP", nkeys=3), KEYS[0] * 2], ErrorCode.BAD_REQUEST, "expected nkeys * 32 = 96 (it holds 2 keys)"),
+        ([header(type="LOOKUP", nkeys=1), KEYS[0], KEYS[1]], ErrorCode.BAD_REQUEST, "message has 3 frames"),
+        ([header(type="LOOKUP")] + [KEYS[0]] * (MAX_KEYS + 1), ErrorCode.BAD_REQUEST, f"message has {MAX_KEYS + 2} frames"),
         ([b" " * (MAX_HEADER_BYTES + 1)], ErrorCode.BAD_REQUEST, f"the limit is {MAX_HEADER_BYTES}"),
         ([b'{"v": NaN}'], ErrorCode.BAD_REQUEST, "non-JSON constant NaN"),
         ([b"[" * 100000 + b"]" * 100000], ErrorCode.BAD_REQUEST, "header frame"),
@@ -87,19 +105,36 @@ def test_decode_request_rejects_with_a_named_problem(frames, code, fragment):
 
 
 def test_decode_request_accepts_the_key_limit_exactly():
-    frames = [header(type="RESERVE")] + [KEYS[1]] * MAX_KEYS
-    assert len(decode_request(frames).keys) == MAX_KEYS
+    frames = [header(type="RESERVE", nkeys=MAX_KEYS), KEYS[1] * MAX_KEYS]
+    assert decode_request(frames).keys == (KEYS[1],) * MAX_KEYS
 
 
 def test_encode_request_refuses_bad_keys():
     with pytest.raises(ValueError, match="keys\\[1\\] must be 32 bytes"):
         encode_request(Request(MsgType.LOOKUP, 1, {}, (KEYS[0], b"short")))
+    # b"".join would accept these, and 31 + 33 bytes would pass a total-length check
+    with pytest.raises(ValueError, match="keys\\[1\\] must be 32 bytes"):
+        encode_request(Request(MsgType.LOOKUP, 1, {}, (KEYS[0], bytearray(32))))
+    with pytest.raises(ValueError, match="keys\\[0\\] must be 32 bytes"):
+        encode_request(Request(MsgType.LOOKUP, 1, {}, (b"x" * 31, b"y" * 33)))
+    with pytest.raises(ValueError, match="PING takes no keys, got 1"):
+        encode_request(Request(MsgType.PING, 1, {}, KEYS[:1]))
+    with pytest.raises(ValueError, match=f"at most {MAX_KEYS} keys"):
+        encode_request(Request(MsgType.LOOKUP, 1, {}, KEYS[:1] * (MAX_KEYS + 1)))
 
 
 @pytest.mark.parametrize(
     "frames, fragment",
     [
-        ([], "exactly one header frame, got 0"),
+        ([], "one header frame and at most one array frame, got 0"),
+        ([b'{"v":1,"id":1,"ok":true}', b"x"], "only then"),
+        ([b'{"v":1,"id":1,"ok":false,"code":"internal","error":"","arrays":["slab_ids"],"alen":0}', b""], "only then"),
+        ([b'{"v":1,"id":1,"ok":true,"arrays":["slab_ids"],"alen":2}', b"\0" * 15], "array frame is 15 bytes, expected 1 arrays * 2 * 8 = 16"),
+        ([b'{"v":1,"id":1,"ok":true,"arrays":["lease_id"],"alen":0}', b""], "arrays must be distinct names"),
+        ([b'{"v":1,"id":1,"ok":true,"arrays":["slab_ids","slab_ids"],"alen":0}', b""], "arrays must be distinct names"),
+        ([b'{"v":1,"id":1,"ok":true,"arrays":[["slab_ids"]],"alen":0}', b""], "arrays must be distinct names"),
+        ([b'{"v":1,"id":1,"ok":true,"body":{"slab_ids":[]},"arrays":["slab_ids"],"alen":0}', b""], "not also in the body"),
+        ([b'{"v":1,"id":1,"ok":true,"arrays":["slab_ids"],"alen":-1}', b""], "alen must be an integer"),
         ([b'{"v":1,"id":1,"ok":1}'], "ok must be a boolean"),
         ([b'{"v":1,"id":1,"ok":false,"code":"weird","error":""}'], "unknown error code"),
         ([b'{"v":1,"id":1,"ok":false,"code":"internal","error":3}'], "error must be a string"),
