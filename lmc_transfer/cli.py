@@ -89,10 +89,26 @@ def _cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lmc_transfer import demo
+
+    return demo.run_demo(demo.settings_from_args(args))
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmc_transfer import demo
+
+    # The demo has a default config (the example MP one on a private socket).
+    config = parser._option_string_actions["--config"]
+    config.required, config.default = False, None
+    demo.add_arguments(parser)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "server": Subcommand("run the MP cache daemon in the foreground", _cmd_server),
     "stats": Subcommand("print the daemon's counters", _cmd_stats, _stats_arguments),
     "ping": Subcommand("exit 0 if the daemon answers within --timeout-ms (liveness probe)", _cmd_ping),
+    "demo": Subcommand("end-to-end demo: a toy engine serving multi-turn chats through the cache", _cmd_demo, _demo_arguments),
 }
 
 

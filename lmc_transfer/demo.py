@@ -167,25 +167,26 @@ class ToyEngine:
     def serve(self, rid: str, prompt: list[int], output: list[int], stats: PhaseStats) -> None:
         cache = self.cache
         req = Req(rid, list(prompt))
-        loads_before = cache.load_back_stats.loaded_tokens
-        self._sync()
-        start = time.perf_counter()
+        loads = cache.load_back_stats
+        tokens_before, seconds_before = loads.loaded_tokens, loads.seconds
         # The last prompt token is always computed: it yields the first output's logits.
         res = cache.match_prefix(prompt[:-1], req=req)
         prefix, node = res.device_indices, res.last_device_node
         if res.host_hit_length > 0:
             loaded, node = cache.init_load_back(node, res.host_hit_length, req)
             prefix = torch.cat([prefix, loaded])
+        # Asynchronous (CUDA) loads are only issued above; their landing counts too.
+        start = time.perf_counter()
         cache.finish_loads()
         self._sync()
-        load_seconds = time.perf_counter() - start
+        load_seconds = loads.seconds - seconds_before + time.perf_counter() - start
         cache.inc_lock_ref(node)
         req.last_node, req.prefix_indices, req.cache_protected_len = node, prefix, prefix.numel()
 
         stats.requests += 1
         stats.prompt_tokens += len(prompt)
         stats.reused_tokens += prefix.numel()
-        newly_loaded = cache.load_back_stats.loaded_tokens - loads_before
+        newly_loaded = loads.loaded_tokens - tokens_before
         stats.loaded_tokens += newly_loaded
         if newly_loaded:
             stats.load_seconds += load_seconds

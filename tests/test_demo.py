@@ -1,0 +1,73 @@
+"""The end-to-end demo: as a subprocess in both modes, and its verifier catching corrupt KV."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lmc_transfer import demo
+from lmc_transfer.layerwise import LayerTransferCounter
+from tests.conftest_mp import REPO
+
+pytestmark = pytest.mark.timeout(120)
+
+IP_CONFIG = str(REPO / "configs" / "example_config_ip.yaml")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    # The CPU copies then use the torch reference instead of the Triton interpreter.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=100
+    )
+
+
+def summary(stdout: str) -> tuple[int, int, float]:
+    verified = re.search(r"verified bytes: (\d+) loaded from the cache, (\d+) mismatched tokens", stdout)
+    hit = re.search(r"hit rate after restart: ([0-9.]+)", stdout)
+    assert verified and hit, stdout
+    return int(verified.group(1)), int(verified.group(2)), float(hit.group(1))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("-m", "lmc_transfer.demo", "--turns", "2", "--conversations", "2", "--device", "cpu"),
+        ("-m", "lmc_transfer.cli", "demo", "--config", IP_CONFIG, "--turns", "1", "--conversations", "2"),
+    ],
+    ids=["mp-default", "ip-cli"],
+)
+def test_demo_runs_end_to_end(argv):
+    out = run(*argv)
+    assert out.returncode == 0, out.stdout + out.stderr
+    verified, mismatched, hit_rate = summary(out.stdout)
+    assert verified > 0 and mismatched == 0 and hit_rate > 0
+    assert "OK: every loaded byte matches" in out.stdout
+    if "--config" not in argv:  # the default config is MP: a daemon came and went
+        assert "[daemon] ready" in out.stdout and "[daemon] stopped" in out.stdout
+
+
+def test_demo_fails_on_corrupted_kv(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    real_start = LayerTransferCounter.start_load
+
+    def corrupting_start(self, store, lease, slots):
+        real_start(self, store, lease, slots)  # synchronous on CPU
+        target = slots[slots >= 0][:1]
+        self.transfer.buffers.plane_rows(0, 1)[target, 0] ^= 0x01  # one bit of one loaded V row
+
+    monkeypatch.setattr(LayerTransferCounter, "start_load", corrupting_start)
+    rc = demo.main(["--config", IP_CONFIG, "--turns", "1", "--conversations", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    _, mismatched, _ = summary(out)
+    assert mismatched > 0 and "FAILED" in out
+
+
+def test_demo_rejects_a_missing_config(capsys):
+    assert demo.main(["--config", "no-such-config.yaml"]) == 2
+    assert "no-such-config.yaml" in capsys.readouterr().err
