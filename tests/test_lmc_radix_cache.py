@@ -135,7 +135,7 @@ def test_mp_partial_hit_loads_only_past_the_device_prefix(workdir, daemons):
     compute_and_finish(cache, base[:21], rid="short")
     device_slots = cache.match_prefix(base[:21]).device_indices
     device_rows = ToyModel(cache.kv_buffers)
-    before = torch.cat([cache.kv_buffers.plane_rows(0, p)[device_slots] for p in range(2)]).clone()
+    before = all_rows(cache)
 
     # a prompt sharing two chunks and 3 tokens with ``base``, then diverging
     prompt = base[: 2 * CHUNK + 3] + tokens(51, 20)
@@ -148,13 +148,22 @@ def test_mp_partial_hit_loads_only_past_the_device_prefix(workdir, daemons):
     assert loaded.numel() == 2 * CHUNK - 21
     prefix = torch.cat([res.device_indices, loaded])
     assert device_rows.mismatched_tokens(prompt, prefix) == 0
-    # the device part was not rewritten (slot -1 for the overlapping rows)
-    assert torch.equal(torch.cat([cache.kv_buffers.plane_rows(0, p)[device_slots] for p in range(2)]), before)
+    # only the new slots were written: the overlapping rows of the first chunk were skipped
+    untouched = torch.ones(NUM_SLOTS, dtype=torch.bool)
+    untouched[loaded] = False
+    assert torch.equal(all_rows(cache)[:, untouched], before[:, untouched])
+    assert device_slots.numel() == 21 and not (untouched[device_slots] == False).any()  # noqa: E712
     assert alloc.available_size() == free_before - loaded.numel()
     assert cache.match_prefix(prompt).device_indices.numel() == 2 * CHUNK
     assert node is cache.match_prefix(prompt).last_device_node
     assert pool_counts(cache, daemon) == (0, 0)
     cache.release_host_resources()
+
+
+def all_rows(cache: LMCRadixCache) -> torch.Tensor:
+    """Every layer's and plane's rows of every slot: ``[layers * planes, slots, row_bytes]``."""
+    b = cache.kv_buffers
+    return torch.stack([b.plane_rows(layer, plane).clone() for layer in range(b.num_layers) for plane in range(2)])
 
 
 def _stored_and_matched(cfg, seed: int, n_chunks: int, **kwargs):
