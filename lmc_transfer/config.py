@@ -6,6 +6,14 @@ Key names follow LMCache where they mean the same thing (``chunk_size``,
 GB (1024**3 bytes, as LMCache counts them) except ``staging_buffer_size`` (MB).
 Unknown keys are rejected with a did-you-mean hint, and every error names the
 source file, the key and the offending value.
+
+Daemon endpoint (``mp_url``): ``ipc://<mp_socket>`` when ``mp_socket`` is set;
+else ``tcp://<mp_host>:<mp_port>`` when either of those is set (the other
+defaults to 127.0.0.1 / 5555, so an LMCache file keeps its tcp endpoint); else
+the ipc socket ``default_mp_socket()``: ``$XDG_RUNTIME_DIR/lmc-transfer/daemon.sock``
+when XDG_RUNTIME_DIR is set, otherwise ``<system temp dir>/lmc-transfer-<uid>/daemon.sock``.
+The default is resolved from the environment of each process, so a daemon and
+engines started with different XDG_RUNTIME_DIR/TMPDIR must set ``mp_socket``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import difflib
 import enum
 import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -32,6 +41,9 @@ class Mode(str, enum.Enum):
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names file and key."""
 
+
+DEFAULT_MP_HOST = "127.0.0.1"
+DEFAULT_MP_PORT = 5555
 
 #: Names accepted by ``transfer_path`` (lmc_transfer.transfer.TransferPath values).
 TRANSFER_PATHS = ("auto", "zero_copy", "staged")
@@ -118,8 +130,8 @@ class LMCTransferConfig:
     max_local_cpu_size: float = _f(5.0, _number(positive=True))  # GB
     local_disk: str | None = _f(None, _optional(_disk_path))
     max_local_disk_size: float = _f(0.0, _number(positive=False))  # GB; 0 = no disk tier
-    mp_host: str = _f("127.0.0.1", _string)
-    mp_port: int = _f(5555, _int(1, 65535))
+    mp_host: str | None = _f(None, _optional(_string))  # set host or port: tcp (see module docstring)
+    mp_port: int | None = _f(None, _optional(_int(1, 65535)))
     mp_socket: str | None = _f(None, _optional(_string))  # ipc path; wins over host/port
     mp_auth_token: str | None = _f(None, _optional(_string))
     lookup_timeout_ms: int = _f(200, _int(1))
@@ -144,12 +156,27 @@ class LMCTransferConfig:
         return self.staging_buffer_size * MB
 
     @property
+    def uses_tcp(self) -> bool:
+        return self.mp_socket is None and (self.mp_host is not None or self.mp_port is not None)
+
+    @property
+    def tcp_host(self) -> str:
+        return self.mp_host if self.mp_host is not None else DEFAULT_MP_HOST
+
+    @property
+    def mp_ipc_path(self) -> str | None:
+        """The daemon's socket path when the endpoint is ipc (set or default), else None."""
+        if self.uses_tcp:
+            return None
+        return self.mp_socket if self.mp_socket is not None else default_mp_socket()
+
+    @property
     def mp_url(self) -> str:
-        """The daemon's ZMQ endpoint: the ipc socket when set, else loopback/host TCP."""
-        if self.mp_socket is not None:
-            return f"ipc://{self.mp_socket}"
-        host = f"[{self.mp_host}]" if ":" in self.mp_host else self.mp_host
-        return f"tcp://{host}:{self.mp_port}"
+        """The daemon's ZMQ endpoint (see the module docstring for the rules)."""
+        if not self.uses_tcp:
+            return f"ipc://{self.mp_ipc_path}"
+        host = f"[{self.tcp_host}]" if ":" in self.tcp_host else self.tcp_host
+        return f"tcp://{host}:{self.mp_port if self.mp_port is not None else DEFAULT_MP_PORT}"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> "LMCTransferConfig":
@@ -178,10 +205,18 @@ class LMCTransferConfig:
             raise ConfigError(
                 f"{source}: max_local_disk_size: {self.max_local_disk_size} GB of disk tier needs local_disk to be set, got no local_disk"
             )
-        if self.mp_socket is None and not self.allow_remote_tcp and not _is_loopback(self.mp_host):
+        if self.uses_tcp and not self.allow_remote_tcp and not _is_loopback(self.tcp_host):
             raise ConfigError(
                 f"{source}: mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got {self.mp_host!r}"
             )
+
+
+def default_mp_socket() -> str:
+    """The ipc socket used when the config names no endpoint (module docstring)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "lmc-transfer", "daemon.sock")
+    return os.path.join(tempfile.gettempdir(), f"lmc-transfer-{os.getuid()}", "daemon.sock")
 
 
 def _is_loopback(host: str) -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from lmc_transfer.config import GB, MB, ConfigError, LMCTransferConfig, Mode, load_config
+from lmc_transfer.config import GB, MB, ConfigError, LMCTransferConfig, Mode, default_mp_socket, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,14 +32,14 @@ def test_example_mp_config_loads() -> None:
     assert cfg.mode is Mode.MP
     assert cfg.local_disk == "lmc_transfer_disk/"
     assert cfg.max_local_disk_bytes == 20 * GB
-    assert cfg.mp_url == "tcp://127.0.0.1:5555"
+    assert cfg.mp_url == f"ipc://{default_mp_socket()}"
     assert (cfg.lookup_timeout_ms, cfg.request_timeout_ms, cfg.lease_ttl_s) == (200, 1000, 30.0)
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""))
     assert cfg == LMCTransferConfig()
-    assert cfg.mode is Mode.IP and cfg.mp_port == 5555 and cfg.max_programs is None
+    assert cfg.mode is Mode.IP and cfg.mp_port is None and cfg.max_programs is None
     assert cfg.allow_remote_tcp is False
 
 
@@ -92,6 +93,32 @@ def test_remote_host_allowed_when_opted_in(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "mp_host: 10.0.0.5\nallow_remote_tcp: true\nmp_port: 6000\n"))
     assert cfg.mp_url == "tcp://10.0.0.5:6000"
     assert load_config(write(tmp_path, "mp_host: '::1'\n")).mp_url == "tcp://[::1]:5555"
+
+
+def test_default_endpoint_is_a_private_ipc_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+    cfg = LMCTransferConfig()
+    assert cfg.mp_url == "ipc:///run/user/4242/lmc-transfer/daemon.sock"
+    assert cfg.mp_ipc_path == "/run/user/4242/lmc-transfer/daemon.sock" and not cfg.uses_tcp
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() caches its answer
+    assert LMCTransferConfig().mp_url == f"ipc://{tmp_path}/lmc-transfer-{os.getuid()}/daemon.sock"
+
+
+@pytest.mark.parametrize(
+    "text, url",
+    [
+        ("mp_port: 6000\n", "tcp://127.0.0.1:6000"),
+        ("mp_host: localhost\n", "tcp://localhost:5555"),
+        ("mp_host: 127.0.0.2\nmp_port: 7000\n", "tcp://127.0.0.2:7000"),
+        ("mp_socket: /s.sock\nmp_host: 127.0.0.1\nmp_port: 7000\n", "ipc:///s.sock"),
+    ],
+)
+def test_explicit_host_or_port_keeps_tcp(tmp_path: Path, text: str, url: str) -> None:
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.mp_url == url
+    assert cfg.mp_ipc_path == (None if url.startswith("tcp") else "/s.sock")
 
 
 def test_missing_file(tmp_path: Path) -> None:
