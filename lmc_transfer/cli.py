@@ -41,10 +41,15 @@ def _request(args: argparse.Namespace, msg_type: MsgType) -> dict:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    from lmc_transfer.instance import AlreadyRunning
     from lmc_transfer.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(load_config(args.config))
+    try:
+        serve(load_config(args.config))
+    except (AlreadyRunning, PermissionError) as exc:
+        print(f"lmc-transfer server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
