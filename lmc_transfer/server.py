@@ -3,10 +3,13 @@
     python -m lmc_transfer.server --config configs/example_config_mp.yaml
     lmc-transfer server --config configs/example_config_mp.yaml
 
-Endpoint: ``config.mp_url``: ``ipc://<mp_socket>`` when ``mp_socket`` is set (the
-socket file gets mode 0600, its directory is created 0700), else
-``tcp://<mp_host>:<mp_port>``, which must be a loopback address unless
-``allow_remote_tcp`` is true.
+Endpoint: ``config.mp_url`` (rules in lmc_transfer.config): an ipc socket by
+default (the socket file gets mode 0600, its directory is created 0700; the
+default directory must be private to this user), or ``tcp://<mp_host>:<mp_port>``
+when those are set, which must be a loopback address unless ``allow_remote_tcp``
+is true. One daemon per endpoint: a second one refuses to start, and a daemon
+killed with -9 has its shared-memory segment unlinked by the next one
+(lmc_transfer.instance).
 
 The pool does not exist until the first HELLO: its geometry (and so the slab size)
 comes from the engine. The segment then holds ``max_local_cpu_size // slab_bytes``
@@ -39,8 +42,9 @@ from typing import Any, Callable
 
 import zmq
 
-from lmc_transfer.config import LMCTransferConfig, load_config
+from lmc_transfer.config import LMCTransferConfig, default_mp_socket, load_config
 from lmc_transfer.disk_tier import DiskTier, geometry_digest
+from lmc_transfer.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
 from lmc_transfer.kernels import KVGeometry
 from lmc_transfer.pool import SlabPool
 from lmc_transfer.protocol import (
@@ -99,7 +103,7 @@ def check_bind_address(config: LMCTransferConfig) -> str:
     """The endpoint to bind; refuses a non-loopback TCP host unless allowed."""
     url = config.mp_url
     if url.startswith("tcp://") and not config.allow_remote_tcp:
-        host = config.mp_host
+        host = config.tcp_host
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -122,34 +126,51 @@ class CacheDaemon:
         self._ctx: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._ipc_path: Path | None = None
+        self._instance: DaemonInstance | None = None
         self.endpoint: str | None = None
 
     # -- socket --------------------------------------------------------------
 
     def bind(self) -> str:
+        """Take the endpoint (AlreadyRunning if a live daemon holds it) and listen on it."""
         url = check_bind_address(self.config)
+        stem = runtime_stem(self.config)
+        if stem.parent == Path(default_mp_socket()).parent:
+            ensure_private_dir(stem.parent)
+        else:
+            stem.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        instance = DaemonInstance(stem)
+        instance.acquire()
+        try:
+            instance.record_segment(None)
+            self._bind_socket(url)
+        except BaseException:
+            instance.release()
+            raise
+        self._instance = instance
+        log.info("lmc-transfer daemon listening on %s (pid %d, epoch %s)", self.endpoint, os.getpid(), self.epoch)
+        return self.endpoint
+
+    def _bind_socket(self, url: str) -> None:
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         # Replies to a peer that stopped reading are dropped, never block the loop.
         sock.setsockopt(zmq.SNDHWM, 10000)
+        self._socket = sock
         if url.startswith("ipc://"):
             path = Path(url.removeprefix("ipc://"))
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             old_umask = os.umask(0o177)  # the socket file is created 0600, no window
             try:
-                sock.bind(url)
+                sock.bind(url)  # replaces a dead daemon's socket file; the lock says none is alive
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
             self._ipc_path = path
         else:
             sock.bind(url)
-        self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("lmc-transfer daemon listening on %s (pid %d, epoch %s)", self.endpoint, os.getpid(), self.epoch)
-        return self.endpoint
 
     def serve_forever(self, stop: threading.Event) -> None:
         assert self._socket is not None, "bind() first"
@@ -192,6 +213,9 @@ class CacheDaemon:
         if self._ipc_path is not None:
             self._ipc_path.unlink(missing_ok=True)
             self._ipc_path = None
+        if self._instance is not None:
+            self._instance.release()
+            self._instance = None
 
     # -- requests ------------------------------------------------------------
 
@@ -269,6 +293,8 @@ class CacheDaemon:
             )
         segment = SharedSegment.create(num_slabs, slab_bytes)
         try:
+            if self._instance is not None:
+                self._instance.record_segment(segment.name)
             disk = None
             if self.config.local_disk is not None and self.config.max_local_disk_bytes > 0:
                 disk = DiskTier(
@@ -446,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(load_config(args.config))
+    try:
+        serve(load_config(args.config))
+    except (AlreadyRunning, PermissionError) as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 

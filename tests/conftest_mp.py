@@ -17,12 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 import pytest
 import torch
 import yaml
 
 from lmc_transfer.config import LMCTransferConfig, load_config
+from lmc_transfer.instance import DaemonInstance, runtime_stem
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt, chunk_keys
 from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
@@ -98,6 +100,11 @@ def write_config(directory: Path, **overrides: Any) -> Path:
     return path
 
 
+def daemon_env(workdir: Path) -> dict[str, str]:
+    """The daemon's environment: its default runtime dir (tcp lock files) inside ``workdir``."""
+    return {**os.environ, "XDG_RUNTIME_DIR": str(workdir)}
+
+
 class Daemon:
     """A daemon subprocess; ``stop`` checks that it cleaned up after itself."""
 
@@ -111,6 +118,7 @@ class Daemon:
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=daemon_env(config_path.parent),
         )
         self.segment: str | None = None
         self.wait_ready()
@@ -171,15 +179,25 @@ class Daemon:
     def cleanup_leftovers(self) -> None:
         if self.segment is not None:
             unlink_segment(self.segment)
-        if self.config.mp_socket is not None:
-            Path(self.config.mp_socket).unlink(missing_ok=True)
+        if self.config.mp_ipc_path is not None:
+            Path(self.config.mp_ipc_path).unlink(missing_ok=True)
+
+    @property
+    def state_path(self) -> Path:
+        return DaemonInstance(self._stem()).state_path
+
+    def _stem(self) -> Path:
+        with mock.patch.dict(os.environ, daemon_env(self.config_path.parent)):
+            return runtime_stem(self.config)
 
     def leftovers(self) -> list[str]:
         out = []
         if self.segment is not None and segment_exists(self.segment):
             out.append(f"segment {self.segment}")
-        if self.config.mp_socket is not None and os.path.exists(self.config.mp_socket):
-            out.append(f"socket {self.config.mp_socket}")
+        if self.config.mp_ipc_path is not None and os.path.exists(self.config.mp_ipc_path):
+            out.append(f"socket {self.config.mp_ipc_path}")
+        if self.state_path.exists():
+            out.append(f"state file {self.state_path}")
         return out
 
 

@@ -3,27 +3,32 @@ STATS, disk tier across restarts, CLI, tcp; plus the disk tier on its own."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zmq
 
-from lmc_transfer.config import LMCTransferConfig
+from lmc_transfer.config import LMCTransferConfig, load_config
 from lmc_transfer.disk_tier import DiskTier, geometry_digest
 from lmc_transfer.mp_store import DaemonConnection, DaemonError, MPStore
 from lmc_transfer.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
 from lmc_transfer.server import check_bind_address
+from lmc_transfer.shm import SharedSegment, segment_exists
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     REPO,
     SLAB_BYTES,
+    daemon_env,
     daemons,
     expected_after_load,
     make_buffers,
@@ -375,3 +380,100 @@ def test_non_loopback_tcp_is_refused_unless_allowed():
         check_bind_address(LMCTransferConfig(mp_host="10.1.2.3"))
     assert check_bind_address(LMCTransferConfig(mp_host="10.1.2.3", allow_remote_tcp=True)) == "tcp://10.1.2.3:5555"
     assert check_bind_address(LMCTransferConfig(mp_host="::1")) == "tcp://[::1]:5555"
+
+
+# -- endpoint defaults, one daemon per endpoint, reaping a killed daemon's segment --------
+
+
+def test_default_endpoint_is_a_0600_ipc_socket_in_the_runtime_dir(workdir, daemons, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(workdir))  # as the daemon's (daemon_env)
+    cfg = write_config(workdir, mp_socket=None)  # no mp_socket/mp_host/mp_port: the default
+    d = start_daemon(daemons, cfg)
+    sock = workdir / "lmc-transfer" / "daemon.sock"
+    assert d.config.mp_url == f"ipc://{sock}"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert (workdir / "lmc-transfer").stat().st_mode & 0o777 == 0o700
+    assert engine_store(d.config, 9, 2) == {"committed": 2}
+    _check_load(d, 9, 2)
+    assert d.stop() == 0 and d.leftovers() == []
+
+
+def test_default_runtime_dir_writable_by_others_is_refused(workdir):
+    (workdir / "lmc-transfer").mkdir(mode=0o700)
+    (workdir / "lmc-transfer").chmod(0o777)
+    cfg = write_config(workdir, mp_socket=None)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmc_transfer.server", "--config", str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir),
+    )
+    assert out.returncode == 1
+    assert f"runtime directory {workdir / 'lmc-transfer'} must be owned by uid" in out.stderr
+    assert "mode 0o777" in out.stderr
+    assert not (workdir / "lmc-transfer" / "daemon.sock").exists()
+
+
+@pytest.mark.parametrize("entry", [["-m", "lmc_transfer.server"], ["-m", "lmc_transfer.cli", "server"]])
+def test_second_daemon_on_the_same_endpoint_refuses_to_start(workdir, daemons, entry):
+    cfg = write_config(workdir)
+    first = start_daemon(daemons, cfg)
+    store = MPStore(first.config, make_buffers(3))
+    try:
+        keys = prompt_keys(store.buffers, tokens_for(3, 2))
+        assert store.save(store.reserve(keys), torch.arange(2 * CHUNK)) == 2
+        out = subprocess.run(
+            [sys.executable, *entry, "--config", str(cfg)],
+            cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir),
+        )
+        assert out.returncode == 1
+        assert f"another lmc-transfer daemon (pid {first.proc.pid}) is serving {first.config.mp_ipc_path}" in out.stderr
+        # the first daemon keeps its socket and its clients
+        assert first.alive() and first.request(MsgType.PING)["pid"] == first.proc.pid
+        assert store.lookup(keys).num_chunks == 2
+    finally:
+        store.close()
+    assert first.stop() == 0 and first.leftovers() == []
+
+
+def test_second_daemon_on_the_same_tcp_port_refuses_to_start(workdir, daemons):
+    cfg = write_config(workdir, mp_socket=None, mp_host="127.0.0.1", mp_port=_free_port())
+    first = start_daemon(daemons, cfg)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmc_transfer.server", "--config", str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir),
+    )
+    assert out.returncode == 1
+    assert f"another lmc-transfer daemon (pid {first.proc.pid}) is serving" in out.stderr
+    assert first.request(MsgType.PING)["pid"] == first.proc.pid
+    assert first.stop() == 0 and first.leftovers() == []
+
+
+def test_segment_of_a_daemon_killed_with_sigkill_is_reaped_by_the_next(workdir, daemons):
+    cfg = write_config(workdir)
+    first = start_daemon(daemons, cfg)
+    assert engine_store(first.config, 4, 2) == {"committed": 2}
+    segment = first.stats()["segment"]
+    assert json.loads(first.state_path.read_text()) == {"pid": first.proc.pid, "segment": segment}
+    first.stop(signal.SIGKILL)
+    assert segment_exists(segment), "a SIGKILLed daemon cannot unlink its own segment"
+    second = start_daemon(daemons, cfg)
+    assert not segment_exists(segment)
+    assert f"unlinked segment {segment} left behind by dead daemon pid {first.proc.pid}" in second.log()
+    assert engine_store(second.config, 4, 2) == {"committed": 2}
+    assert json.loads(second.state_path.read_text()) == {"pid": second.proc.pid, "segment": second.stats()["segment"]}
+    _check_load(second, 4, 2)
+    assert second.stop() == 0 and second.leftovers() == []
+
+
+def test_segment_of_a_live_pid_is_not_reaped(workdir, daemons):
+    cfg = write_config(workdir)
+    live = SharedSegment.create(1, 4096, name=f"/lmct-{os.getpid()}-reaptest")
+    try:
+        state = Path(load_config(cfg).mp_ipc_path + ".state")
+        state.write_text(json.dumps({"pid": os.getpid(), "segment": live.name}))
+        d = start_daemon(daemons, cfg)
+        assert segment_exists(live.name)
+        assert json.loads(state.read_text()) == {"pid": d.proc.pid, "segment": None}
+        assert d.stop() == 0 and d.leftovers() == []
+    finally:
+        live.close()
+    assert not segment_exists(live.name)
