@@ -119,6 +119,25 @@ def _disk_path(v: Any) -> str:
     return v
 
 
+#: URL schemes lmc_transfer.remote_tier accepts (redis-py's, plus cluster variants).
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+_TLS_SCHEMES = ("rediss://", "rediss+cluster://")
+
+
+def _remote_url(v: Any) -> str:
+    v = _string(v)
+    if not v.startswith(REMOTE_SCHEMES) or v in REMOTE_SCHEMES:
+        raise _BadValue("a URL starting with one of " + ", ".join(REMOTE_SCHEMES))
+    return v
+
+
+def _existing_file(v: Any) -> str:
+    v = _string(v)
+    if not os.path.isfile(v):
+        raise _BadValue("the path of an existing file")
+    return v
+
+
 def _f(default: Any, check: _Check) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -142,6 +161,17 @@ class LMCTransferConfig:
     staging_buffer_size: int = _f(64, _int(1))  # MB
     max_programs: int | None = _f(None, _optional(_int(1)))
     allow_remote_tcp: bool = _f(False, _bool)
+    # Remote tier (Redis/Valkey, lmc_transfer.remote_tier); off unless remote_url is set.
+    remote_url: str | None = _f(None, _optional(_remote_url))
+    remote_timeout_ms: int = _f(50, _int(1))  # per remote operation; a LOOKUP may add this much
+    remote_ttl_s: float | None = _f(None, _optional(_number(positive=True)))
+    max_remote_size: float = _f(0.0, _number(positive=False))  # GB per namespace; 0 = no budget
+    remote_queue: int = _f(64, _int(1))  # chunks waiting for the write-behind
+    remote_username: str | None = _f(None, _optional(_string))
+    remote_password: str | None = _f(None, _optional(_string))
+    remote_tls_ca: str | None = _f(None, _optional(_existing_file))
+    remote_tls_cert: str | None = _f(None, _optional(_existing_file))
+    remote_tls_key: str | None = _f(None, _optional(_existing_file))
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -150,6 +180,11 @@ class LMCTransferConfig:
     @property
     def max_local_disk_bytes(self) -> int:
         return int(self.max_local_disk_size * GB)
+
+    @property
+    def max_remote_bytes(self) -> int | None:
+        """The remote tier's byte budget per namespace, None for no budget."""
+        return int(self.max_remote_size * GB) or None
 
     @property
     def staging_bytes(self) -> int:
@@ -205,9 +240,35 @@ class LMCTransferConfig:
             raise ConfigError(
                 f"{source}: max_local_disk_size: {self.max_local_disk_size} GB of disk tier needs local_disk to be set, got no local_disk"
             )
+        self._check_remote(source)
         if self.uses_tcp and not self.allow_remote_tcp and not _is_loopback(self.tcp_host):
             raise ConfigError(
                 f"{source}: mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got {self.mp_host!r}"
+            )
+
+
+    def _check_remote(self, source: str) -> None:
+        needs_url = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name.startswith(("remote_", "max_remote_")) and f.name != "remote_url" and getattr(self, f.name) != f.default
+        ]
+        if self.remote_url is None:
+            if needs_url:
+                name = needs_url[0]
+                shown = "<hidden>" if name == "remote_password" else repr(getattr(self, name))
+                raise ConfigError(f"{source}: {name}: {shown} needs remote_url to be set, got no remote_url")
+            return
+        tls = [n for n in ("remote_tls_ca", "remote_tls_cert", "remote_tls_key") if getattr(self, n) is not None]
+        if tls and not self.remote_url.startswith(_TLS_SCHEMES):
+            raise ConfigError(f"{source}: {tls[0]}: TLS settings need a rediss:// or rediss+cluster:// remote_url, got {self.remote_url!r}")
+        if (self.remote_tls_cert is None) != (self.remote_tls_key is None):
+            given = "remote_tls_cert" if self.remote_tls_cert is not None else "remote_tls_key"
+            raise ConfigError(f"{source}: {given}: a client certificate needs both remote_tls_cert and remote_tls_key, got only {given}")
+        if self.remote_timeout_ms >= self.lookup_timeout_ms:
+            raise ConfigError(
+                f"{source}: remote_timeout_ms: must be below lookup_timeout_ms ({self.lookup_timeout_ms}) so a slow remote "
+                f"stays a miss instead of a client timeout, got {self.remote_timeout_ms}"
             )
 
 

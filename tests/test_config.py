@@ -121,6 +121,50 @@ def test_explicit_host_or_port_keeps_tcp(tmp_path: Path, text: str, url: str) ->
     assert cfg.mp_ipc_path == (None if url.startswith("tcp") else "/s.sock")
 
 
+def test_remote_tier_fields(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    cfg = load_config(
+        write(
+            tmp_path,
+            "remote_url: rediss://cache.internal:6380/2\nremote_timeout_ms: 30\nremote_ttl_s: 3600\n"
+            f"max_remote_size: 1.5\nremote_queue: 8\nremote_username: u\nremote_password: p\nremote_tls_ca: {ca}\n",
+        )
+    )
+    assert (cfg.remote_url, cfg.remote_timeout_ms, cfg.remote_ttl_s, cfg.remote_queue) == ("rediss://cache.internal:6380/2", 30, 3600.0, 8)
+    assert cfg.max_remote_bytes == int(1.5 * GB)
+    assert (cfg.remote_username, cfg.remote_password, cfg.remote_tls_ca, cfg.remote_tls_cert) == ("u", "p", str(ca), None)
+    off = LMCTransferConfig()
+    assert off.remote_url is None and off.max_remote_bytes is None and off.remote_timeout_ms == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("remote_url: http://x:1\n", "remote_url: expected a URL starting with one of redis://, rediss://, unix://"),
+        ("remote_url: 'redis://'\n", "remote_url: expected a URL starting with one of"),
+        ("remote_url: 5\n", "remote_url: expected a non-empty string, got 5"),
+        ("remote_ttl_s: 10\n", "remote_ttl_s: 10.0 needs remote_url to be set, got no remote_url"),
+        ("remote_password: s3cret\n", "remote_password: <hidden> needs remote_url to be set"),
+        ("remote_url: redis://h:1\nremote_timeout_ms: 0\n", "remote_timeout_ms: expected an integer >= 1, got 0"),
+        ("remote_url: redis://h:1\nremote_timeout_ms: 200\n", "remote_timeout_ms: must be below lookup_timeout_ms (200)"),
+        ("remote_url: redis://h:1\nremote_ttl_s: 0\n", "remote_ttl_s: expected a positive number, got 0"),
+        ("remote_url: redis://h:1\nmax_remote_size: -1\n", "max_remote_size: expected a number >= 0, got -1"),
+        ("remote_url: redis://h:1\nremote_queue: 0\n", "remote_queue: expected an integer >= 1, got 0"),
+        ("remote_url: rediss://h:1\nremote_tls_ca: /no/such/ca.pem\n", "remote_tls_ca: expected the path of an existing file, got '/no/such/ca.pem'"),
+        ("remote_url: redis://h:1\nremote_tls_ca: CFG\n", "remote_tls_ca: TLS settings need a rediss:// or rediss+cluster:// remote_url, got 'redis://h:1'"),
+        ("remote_url: rediss://h:1\nremote_tls_cert: CFG\n", "remote_tls_cert: a client certificate needs both remote_tls_cert and remote_tls_key"),
+    ],
+)
+def test_invalid_remote_fields_name_file_key_and_value(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text.replace("CFG", str(tmp_path / "cfg.yaml")))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml: config file not found$"):
