@@ -63,6 +63,7 @@ from lmc_transfer.protocol import (
     encode_reply,
     is_int,
 )
+from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
 from lmc_transfer.shm import SharedSegment
 
 log = logging.getLogger("lmc_transfer.server")
@@ -73,6 +74,8 @@ MAX_FRAME_BYTES = 1 << 20
 _POLL_MS = 100
 _CLIENT_IDLE_S = 600.0
 _MAX_CLIENTS = 4096
+#: On shutdown, how long queued remote writes may take before they are dropped.
+_REMOTE_FLUSH_S = 5.0
 
 
 @dataclass
@@ -86,6 +89,7 @@ class DaemonCounters:
     committed_chunks: int = 0
     committed_bytes: int = 0
     disk_promotions: int = 0
+    remote_promotions: int = 0
 
 
 @dataclass
@@ -97,6 +101,7 @@ class _Pool:
     segment: SharedSegment
     pool: SlabPool
     disk: DiskTier | None
+    remote: RemoteSync | None
 
 
 def check_bind_address(config: LMCTransferConfig) -> str:
@@ -199,6 +204,10 @@ class CacheDaemon:
     def close(self) -> None:
         """Flush the disk tier, unlink the segment and the ipc socket; idempotent."""
         if self._state is not None:
+            if self._state.remote is not None:
+                if not self._state.remote.flush(_REMOTE_FLUSH_S):
+                    log.warning("remote tier: writes still queued after %.1fs are dropped", _REMOTE_FLUSH_S)
+                self._state.remote.close()
             if self._state.disk is not None:
                 self._state.disk.close()
             self._state.segment.close()
@@ -292,10 +301,10 @@ class CacheDaemon:
                 code=ErrorCode.GEOMETRY,
             )
         segment = SharedSegment.create(num_slabs, slab_bytes)
+        disk = remote = None
         try:
             if self._instance is not None:
                 self._instance.record_segment(segment.name)
-            disk = None
             if self.config.local_disk is not None and self.config.max_local_disk_bytes > 0:
                 disk = DiskTier(
                     self.config.local_disk,
@@ -305,14 +314,33 @@ class CacheDaemon:
                     segment.generations,
                     slab_bytes,
                 )
+            if self.config.remote_url is not None:
+                remote = RemoteSync(
+                    build_remote_tier(self.config, digest),
+                    digest,
+                    segment.slab,
+                    segment.generations,
+                    slab_bytes,
+                    timeout_s=self.config.remote_timeout_ms / 1000,
+                    max_queue=self.config.remote_queue,
+                )
+            hooks = []
+            if disk is not None:
+                hooks.append(disk.submit)
+            if remote is not None:
+                hooks.append(remote.on_commit)
             pool = SlabPool(
                 segment.data,
                 segment.generations,
                 slab_bytes,
                 clock=self._clock,
-                on_commit=disk.submit if disk is not None else None,
+                on_commit=_fan_out(hooks),
             )
         except BaseException:
+            if remote is not None:
+                remote.close()
+            if disk is not None:
+                disk.close()
             segment.close()
             raise
         log.info(
@@ -324,7 +352,9 @@ class CacheDaemon:
             geometry.to_dict(),
             disk.directory if disk is not None else "off",
         )
-        return _Pool(geometry, digest, segment, pool, disk)
+        if remote is not None:
+            log.info("remote tier: %s (namespace %s)", _redact(self.config.remote_url), digest.hex()[:16])
+        return _Pool(geometry, digest, segment, pool, disk, remote)
 
     def _touch_client(self, client_id: str) -> None:
         now = self._clock()
@@ -349,7 +379,7 @@ class CacheDaemon:
         keys = list(request.keys)
         pool = state.pool
         lease = pool.lookup(keys, self.config.lease_ttl_s)
-        if lease.num_chunks < len(keys) and state.disk is not None and self._promote(state, keys, lease.num_chunks):
+        if lease.num_chunks < len(keys) and (state.disk is not None or state.remote is not None) and self._promote(state, keys, lease.num_chunks):
             first = lease
             lease = pool.lookup(keys, self.config.lease_ttl_s)
             pool.release(first.lease_id)
@@ -358,30 +388,44 @@ class CacheDaemon:
         self.counters.miss_chunks += len(keys) - lease.num_chunks
         return {
             "lease_id": lease.lease_id,
-            "slab_ids": list(lease.slab_ids),
-            "generations": list(lease.generations),
+            "slab_ids": lease.slab_ids,
+            "generations": lease.generations,
             "ttl_s": self.config.lease_ttl_s,
         }
 
     def _promote(self, state: _Pool, keys: list[bytes], start: int) -> bool:
-        """Load the disk-resident run of keys after the L1 prefix into L1; True if any."""
+        """Bring the run of keys after the L1 prefix into L1: from disk while it has
+        them, then from the remote tier; True if any chunk came in."""
+        promoted = 0
+        stop = start
+        if state.disk is not None:
+            stop, promoted = self._promote_from_disk(state, keys, start)
+            self.counters.disk_promotions += promoted
+        if state.remote is not None and stop < len(keys):
+            remote = state.remote.fill(state.pool, keys[stop:], self.config.lease_ttl_s)
+            self.counters.remote_promotions += remote
+            promoted += remote
+        return promoted > 0
+
+    def _promote_from_disk(self, state: _Pool, keys: list[bytes], start: int) -> tuple[int, int]:
+        """(index of the first key neither in L1 nor promoted from disk, chunks promoted)."""
         assert state.disk is not None
         promoted = 0
-        for key in keys[start:]:
+        for i in range(start, len(keys)):
+            key = keys[i]
             if state.pool.contains(key):
                 continue
             if not state.disk.contains(key):
-                break
+                return i, promoted
             res = state.pool.reserve([key], self.config.lease_ttl_s)
             if res.num_chunks == 0:
-                break
+                return i, promoted
             if not state.disk.load_into(key, state.pool.slab(res.slab_ids[0])):
                 state.pool.abort(res.reservation_id)
-                break
+                return i, promoted
             state.pool.commit(res.reservation_id)
             promoted += 1
-        self.counters.disk_promotions += promoted
-        return promoted > 0
+        return len(keys), promoted
 
     def _reserve(self, request: Request) -> dict[str, Any]:
         state = self._require_pool(request, ())
@@ -427,6 +471,7 @@ class CacheDaemon:
             "pool": None,
             "segment": None,
             "disk": None,
+            "remote": None,
         }
         if self._state is not None:
             pool_stats = asdict(self._state.pool.stats())
@@ -436,7 +481,32 @@ class CacheDaemon:
             out["segment"] = self._state.segment.name
             if self._state.disk is not None:
                 out["disk"] = asdict(self._state.disk.stats())
+            if self._state.remote is not None:
+                out["remote"] = {**asdict(self._state.remote.tier.stats()), **asdict(self._state.remote.stats())}
         return out
+
+
+def _fan_out(hooks: list[Callable[[bytes, int], None]]) -> Callable[[bytes, int], None] | None:
+    """One pool commit hook calling each of ``hooks``; None when there are none."""
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def call_all(key: bytes, slab_id: int) -> None:
+        for hook in hooks:
+            hook(key, slab_id)
+
+    return call_all
+
+
+def _redact(url: str) -> str:
+    """``url`` without the password of its user info, for logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
 
 
 def _best_effort_id(frames: list[bytes]) -> int:

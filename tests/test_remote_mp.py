@@ -1,0 +1,165 @@
+"""The MP daemon with a Redis remote tier: two daemons ("hosts") share one real
+redis-server on loopback (started and stopped by the fixture from test_remote_tier)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("redis")
+
+from lmc_transfer.disk_tier import geometry_digest  # noqa: E402
+from lmc_transfer.mp_store import MPStore  # noqa: E402
+from lmc_transfer.protocol import MsgType  # noqa: E402
+from tests.conftest_mp import (  # noqa: E402, F401  (fixtures)
+    CHUNK,
+    daemons,
+    engine_load,
+    engine_store,
+    expected_after_load,
+    kv_bytes,
+    make_buffers,
+    prompt_keys,
+    start_daemon,
+    tokens_for,
+    workdir,
+    write_config,
+)
+from tests.test_remote_tier import REDIS_SERVER, RedisServer, server  # noqa: E402, F401  (fixture)
+
+pytestmark = [
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed (apt-get install redis-server)"),
+    pytest.mark.timeout(120),
+]
+
+LOOKUP_TIMEOUT_S = 0.3  # write_config's lookup_timeout_ms
+REMOTE_TIMEOUT_MS = 100
+
+
+def _host(workdir: Path, name: str, server: RedisServer) -> Path:
+    """The config of one "host": its own directory, socket and (so) segment."""
+    directory = workdir / name
+    directory.mkdir()
+    return write_config(directory, remote_url=server.url, remote_timeout_ms=REMOTE_TIMEOUT_MS)
+
+
+def _redis_chunk_key(seed: int, index: int) -> bytes:
+    buffers = make_buffers(0)
+    digest = geometry_digest(buffers.geometry, CHUNK)
+    return b"lmc:" + digest.hex().encode() + b":c:" + prompt_keys(buffers, tokens_for(seed, index + 1))[index]
+
+
+def _check_load(d, seed: int, chunks: int, hit: int) -> None:
+    result, kv = engine_load(d.config, seed, chunks)
+    assert result == {"hit": hit, "loaded": hit}
+    assert kv == expected_after_load(seed, hit)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _stored_chunks(server: RedisServer) -> int:
+    return sum(1 for _ in server.client().scan_iter(match=b"lmc:*:c:*"))
+
+
+def test_prefix_stored_through_one_host_loads_byte_exact_on_another(workdir, daemons, server):
+    a = start_daemon(daemons, _host(workdir, "a", server))
+    b = start_daemon(daemons, _host(workdir, "b", server))
+    assert engine_store(a.config, 21, 3) == {"committed": 3}
+    assert a.stop() == 0 and a.leftovers() == []  # SIGTERM flushes the write-behind
+    assert _stored_chunks(server) == 3
+    _check_load(b, 21, 3, hit=3)
+    remote = b.stats()["remote"]
+    assert b.stats()["counters"]["remote_promotions"] == 3
+    assert (remote["hits"], remote["filled"], remote["corrupt_dropped"], remote["errors"]) == (3, 3, 0, 0)
+    # what came from the remote is not written back
+    assert (remote["puts"], remote["queued"], remote["skipped_refill"]) == (0, 0, 3)
+    # a second engine on B hits L1: no more remote traffic
+    _check_load(b, 21, 3, hit=3)
+    assert b.stats()["remote"]["gets"] == remote["gets"]
+    # a prompt nobody stored is a miss on every tier
+    _check_load(b, 99, 2, hit=0)
+    assert b.stop() == 0 and b.leftovers() == []
+
+
+def test_corrupt_value_in_redis_is_rejected_and_never_served(workdir, daemons, server):
+    a = start_daemon(daemons, _host(workdir, "a", server))
+    assert engine_store(a.config, 23, 3) == {"committed": 3}
+    assert a.stop() == 0
+    r = server.client()
+    key = _redis_chunk_key(23, 1)
+    value = bytearray(r.get(key))
+    value[-1] ^= 0x40  # one bit of the last payload byte
+    r.set(key, bytes(value))
+    b = start_daemon(daemons, _host(workdir, "b", server))
+    _check_load(b, 23, 3, hit=1)  # chunk 0 only: the prefix stops at the corrupt chunk
+    remote = b.stats()["remote"]
+    assert (remote["corrupt_dropped"], remote["filled"]) == (1, 1)
+    assert r.get(key) is None, "the corrupt value is deleted"
+    assert r.get(_redis_chunk_key(23, 2)) is not None
+    assert b.stop() == 0 and b.leftovers() == []
+
+
+def test_redis_hung_then_killed_mid_fetch_is_a_bounded_miss_and_recovers(workdir, daemons, server):
+    a = start_daemon(daemons, _host(workdir, "a", server))
+    assert engine_store(a.config, 24, 3) == {"committed": 3}
+    assert a.stop() == 0
+    b = start_daemon(daemons, _host(workdir, "b", server))
+    buffers = make_buffers(24 + 500)
+    before = kv_bytes(buffers, torch.arange(buffers.num_slots)).clone()
+    store = MPStore(b.config, buffers)
+    try:
+        server.signal(signal.SIGSTOP)  # the server stops answering in the middle of the fill
+        try:
+            keys = prompt_keys(buffers, tokens_for(24, 3))
+            start = time.monotonic()
+            lease = store.lookup(keys)
+            elapsed = time.monotonic() - start
+            assert lease.num_chunks == 0
+            assert elapsed < LOOKUP_TIMEOUT_S, f"lookup took {elapsed:.3f}s"
+            assert torch.equal(kv_bytes(buffers, torch.arange(buffers.num_slots)), before)
+            assert b.request(MsgType.PING)["pid"] == b.proc.pid, "the daemon keeps serving"
+        finally:
+            server.signal(signal.SIGKILL)
+            server.proc.wait(timeout=10)
+        assert b.stats()["remote"]["errors"] >= 1
+        server.start()  # same port, empty
+        _wait_for(lambda: not b.stats()["remote"]["breaker_open"], 20, "the remote tier to reconnect")
+        # recovery: B writes behind again, and serves from the remote once L1 is gone
+        assert engine_store(b.config, 25, 3) == {"committed": 3}
+        _wait_for(lambda: _stored_chunks(server) == 3, 10, "the write-behind of 3 chunks")
+        assert b.request(MsgType.CLEAR)["cleared"] == 3
+        _check_load(b, 25, 3, hit=3)
+        assert b.stats()["counters"]["remote_promotions"] == 3
+    finally:
+        store.close()
+    assert b.stop() == 0 and b.leftovers() == []
+
+
+def test_fetch_failing_after_the_existence_check_is_a_miss(workdir, daemons, tmp_path):
+    # GET is disabled on this server: EXISTS answers, every fetch fails mid-fill.
+    srv = RedisServer(tmp_path, extra_args=("--rename-command", "GET", ""))
+    srv.start()
+    try:
+        a = start_daemon(daemons, _host(workdir, "a", srv))
+        assert engine_store(a.config, 26, 2) == {"committed": 2}
+        assert a.stop() == 0
+        assert _stored_chunks(srv) == 2
+        b = start_daemon(daemons, _host(workdir, "b", srv))
+        start = time.monotonic()
+        _check_load(b, 26, 2, hit=0)
+        assert time.monotonic() - start < 10  # a fresh engine process, not a hang
+        remote = b.stats()["remote"]
+        assert (remote["errors"], remote["gets"], remote["filled"], remote["hits"]) == (1, 2, 0, 0)  # EXISTS found 2, GET failed
+        assert b.stop() == 0 and b.leftovers() == []
+    finally:
+        srv.stop()
