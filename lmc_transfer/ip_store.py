@@ -4,6 +4,9 @@ Host memory is one pinned buffer when the KV buffers are on CUDA (so the kernels
 can address it), plain CPU memory otherwise. Copies run through a ``Transfer`` on
 a private stream and are waited for before ``load``/``save`` return; for copies
 that must overlap the forward pass use ``lmc_transfer.layerwise``.
+
+With ``remote_url`` set, commits are written behind to the Redis remote tier and
+a lookup that misses fills the rest of its prefix from there (lmc_transfer.remote_sync).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lmc_transfer.disk_tier import geometry_digest
 from lmc_transfer.kernels import Direction, KVBuffers, SlotRangeError
 from lmc_transfer.layerwise import chunk_slots, lease_slots
 from lmc_transfer.pool import SlabPool
+from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
 from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, StoreStats
 from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
 
@@ -51,7 +56,22 @@ class IPStore(CacheStore):
             )
         on_cuda = buffers.device.type == "cuda"
         data = torch.empty(num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=on_cuda)
-        self._pool: SlabPool | None = SlabPool(data, np.zeros(num_slabs, dtype=np.uint64), slab_bytes, clock=clock)
+        generations = np.zeros(num_slabs, dtype=np.uint64)
+        self._remote: RemoteSync | None = None
+        if config.remote_url is not None:
+            digest = geometry_digest(buffers.geometry, self.chunk_size)
+            self._remote = RemoteSync(
+                build_remote_tier(config, digest),
+                digest,
+                lambda slab_id: data[slab_id * slab_bytes : (slab_id + 1) * slab_bytes],
+                generations,
+                slab_bytes,
+                timeout_s=config.remote_timeout_ms / 1000,
+                max_queue=config.remote_queue,
+            )
+        self._pool: SlabPool | None = SlabPool(
+            data, generations, slab_bytes, clock=clock, on_commit=self._remote.on_commit if self._remote is not None else None
+        )
         self.transfer = Transfer(
             buffers,
             self.chunk_size,
@@ -74,7 +94,12 @@ class IPStore(CacheStore):
     # -- loads ---------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes]) -> Lease:
-        lease = self.pool.lookup(keys, self._ttl_s)
+        pool = self.pool
+        lease = pool.lookup(keys, self._ttl_s)
+        n = lease.num_chunks
+        if self._remote is not None and n < len(lease.keys) and self._remote.fill(pool, lease.keys[n:], self._ttl_s):
+            first, lease = lease, pool.lookup(keys, self._ttl_s)
+            pool.release(first.lease_id)
         with self._stats_lock:
             self._stats.lookups += 1
             self._stats.hit_chunks += lease.num_chunks
@@ -178,7 +203,13 @@ class IPStore(CacheStore):
     def clear(self) -> None:
         self.pool.clear()
 
+    def flush_remote(self, timeout_s: float) -> bool:
+        """Wait (bounded) for the remote write-behind; True when nothing is left (or no remote)."""
+        return self._remote.flush(timeout_s) if self._remote is not None else True
+
     def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
         with self._copy_lock:
             self._pool = None
 

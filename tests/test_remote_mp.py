@@ -163,3 +163,39 @@ def test_fetch_failing_after_the_existence_check_is_a_miss(workdir, daemons, tmp
         assert b.stop() == 0 and b.leftovers() == []
     finally:
         srv.stop()
+
+
+def test_ip_stores_on_two_hosts_share_the_remote_tier(server):
+    from lmc_transfer.config import LMCTransferConfig
+    from lmc_transfer.ip_store import IPStore
+    from tests.conftest_mp import SLAB_BYTES
+
+    config = LMCTransferConfig(
+        chunk_size=CHUNK, max_local_cpu_size=16 * SLAB_BYTES / 1024**3, remote_url=server.url, remote_timeout_ms=REMOTE_TIMEOUT_MS
+    )
+    src, dst = make_buffers(31), make_buffers(31 + 500)
+    keys = prompt_keys(src, tokens_for(31, 3))
+    a = IPStore(config, src)
+    try:
+        assert a.save(a.reserve(keys), torch.arange(3 * CHUNK)) == 3
+        assert a.flush_remote(5)
+    finally:
+        a.close()
+    assert _stored_chunks(server) == 3
+    b = IPStore(config, dst)
+    try:
+        lease = b.lookup(keys)
+        assert lease.num_chunks == 3
+        shift = 7
+        assert b.load(lease, torch.arange(3 * CHUNK) + shift).chunks_loaded == 3
+        b.release(lease)
+        assert b.flush_remote(5)
+        stats = b._remote.stats()
+        assert (stats.filled, stats.queued, stats.skipped_refill) == (3, 0, 3)
+    finally:
+        b.close()
+    expected = make_buffers(31 + 500)
+    for layer in range(2):
+        for plane in range(2):
+            expected.plane_rows(layer, plane)[shift : shift + 3 * CHUNK] = src.plane_rows(layer, plane)[: 3 * CHUNK]
+    assert torch.equal(kv_bytes(dst, torch.arange(dst.num_slots)), kv_bytes(expected, torch.arange(dst.num_slots)))
