@@ -43,8 +43,8 @@ def test_mp_lookup_load_and_store(benchmark, workdir, daemons, tokens):
     buffers = _buffers(LLAMA)
     store = MPStore(load_config(config_path), buffers)
     keys = chunk_keys(list(range(tokens)), CHUNK, KeySalt("bench-mp", buffers.geometry))
-    src = torch.randperm(NUM_SLOTS, device="cuda")[:tokens]
-    dst = torch.randperm(NUM_SLOTS, device="cuda")[:tokens]
+    perm = torch.randperm(NUM_SLOTS, device="cuda")
+    src, dst = perm[:tokens], perm[tokens:2 * tokens]  # disjoint: loading must not overwrite the source
     nbytes = tokens * buffers.geometry.token_bytes
 
     def store_once():
@@ -58,6 +58,14 @@ def test_mp_lookup_load_and_store(benchmark, workdir, daemons, tokens):
         store.release(lease)
         assert result.chunks_loaded == len(keys)
 
+    try:
+        _measure(store, store_once, lookup_load, buffers, src, dst, keys, tokens, nbytes)
+        benchmark.pedantic(lookup_load, rounds=3, iterations=1)
+    finally:
+        store.close()
+
+
+def _measure(store, store_once, lookup_load, buffers, src, dst, keys, tokens, nbytes) -> None:
     store_s = _median_s(store_once, 3)
     load_s = _median_s(lookup_load, 5)
     planes_src = [p.view(torch.uint8).view(buffers.num_slots, -1)[src] for layer in buffers.planes for p in layer]
@@ -74,5 +82,3 @@ def test_mp_lookup_load_and_store(benchmark, workdir, daemons, tokens):
                 load_GBps=gbps(nbytes, load_s * 1e3), load_vs_memcpy=load_s / h2d, store_ms=store_s * 1e3,
                 store_GBps=gbps(nbytes, store_s * 1e3), store_vs_memcpy=store_s / d2h,
                 lookup_p50_us=statistics.median(lookup_times) * 1e6)
-    store.close()
-    benchmark.pedantic(lookup_load, rounds=3, iterations=1)
