@@ -18,6 +18,7 @@ python3 -P -m pytest $TESTS -m gpu -q -p no:cacheprovider --import-mode=append 2
 python3 -P -c "import sys; sys.path.append('.'); from benchmarks.profile_launch import main; main()" 2>&1 \
   | tee "$OUT/profile.log" | head -45
 if [ -n "$BENCH" ]; then
-  LMC_BENCH_REPORT="$OUT/bench.md" python3 -P -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --import-mode=append \
+  # SIGABRT past the limit makes faulthandler print every thread's stack (a hang shows where).
+  LMC_BENCH_REPORT="$OUT/bench.md" PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "${BENCH_TIMEOUT:-480}" python3 -P -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --import-mode=append \
     --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -80
 fi
