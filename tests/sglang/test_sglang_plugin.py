@@ -1,0 +1,252 @@
+"""SGLang 0.5.23's own classes with the ``lmc_transfer`` radix-cache backend.
+
+The cache is built by SGLang's registry; requests are SGLang ``Req`` objects over
+SGLang's ``MHATokenToKVPool``, ``TokenToKVPoolAllocator`` and ``ReqToTokenPool``
+and go through SGLang's ``match_kv_cache`` (``init_next_round_input``),
+``init_load_back`` and ``release_kv_cache`` (which calls ``checkpoint``), the
+calls SGLang's scheduler makes. Only the forward pass is ours (``kv_model``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from array import array
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmc_transfer.integrations.sglang_import import SGLangUnavailable, load_sglang
+
+try:
+    load_sglang(("0.5.23",), "the SGLang 0.5.23 test tier")
+except SGLangUnavailable as exc:
+    pytest.skip(f"needs SGLang 0.5.23 (ci/run_sglang_tier.sh builds it): {exc}", allow_module_level=True)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.common import release_kv_cache
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from lmc_transfer.radix import sglang_plugin
+
+from tests.conftest_mp import start_daemon, write_config
+from tests.sglang.kv_model import DIM, HEADS, LAYERS, expected_kv, pool_kv, prompt, write_kv
+
+pytestmark = [pytest.mark.sglang, pytest.mark.timeout(120)]
+
+NUM_SLOTS = 256
+
+
+@dataclass(frozen=True)
+class Turn:
+    device_len: int  # prefix matched in the device tree
+    host_hit: int  # host_hit_length match_prefix reported
+    loaded: int  # tokens init_load_back reported
+    prefix_len: int  # what the request started from
+
+
+class Engine:
+    """SGLang's pools and the registry-built cache, driven like SGLang's scheduler drives them."""
+
+    def __init__(self, config_path, seed: int) -> None:
+        self.pool = MHATokenToKVPool(
+            size=NUM_SLOTS, page_size=1, dtype=torch.float16, head_num=HEADS, head_dim=DIM,
+            layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+        )
+        g = torch.Generator().manual_seed(seed)
+        for buffers in (self.pool.k_buffer, self.pool.v_buffer):
+            for b in buffers:  # random bytes: a load that writes nothing cannot match by luck
+                b.view(torch.uint8).copy_(torch.randint(0, 256, b.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
+        self.allocator = TokenToKVPoolAllocator(NUM_SLOTS, torch.float16, "cpu", self.pool, need_sort=False)
+        self.req_pool = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
+        params = CacheInitParams(
+            disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.allocator, page_size=1
+        )
+        ctx = TreeCacheBuildContext(
+            server_args=SimpleNamespace(lmcache_config_file=str(config_path)),
+            params=params, is_hybrid_swa=False, is_hybrid_ssm=False, enable_hierarchical_cache=False,
+            disable_radix_cache=False, tp_worker=None, model_config=SimpleNamespace(model_path="test-model"),
+            tp_size=1, tp_rank=0, tp_group=None,
+        )
+        self.cache = get_radix_cache_factory(sglang_plugin.BACKEND_NAME)(ctx)
+
+    def match(self, rid: str, prompt_ids: list[int], outputs: int) -> Req:
+        req = Req(rid, "", array("q", prompt_ids), SamplingParams(max_new_tokens=outputs))
+        req.init_next_round_input(self.cache)
+        return req
+
+    def admit(self, req: Req) -> Turn:
+        """Load back what match_prefix promised, lock the prefix and check its KV bytes."""
+        device_len, host_hit, loaded = req.prefix_len, req.host_hit_length, 0
+        if req.host_hit_length > 0:
+            loaded, req.last_node = self.cache.init_load_back(
+                InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
+            )
+            # As SGLang's PrefillAdder does after a load-back.
+            req.prefix_len += loaded
+            if self.cache.load_back_is_cache_owned():
+                req.kv.cache_protected_len = req.prefix_len
+        req.lock = self.cache.lock(req.last_node)
+        prefix = self.cache.prefix_device_indices(req)
+        tokens = list(req.origin_input_ids)
+        assert torch.equal(pool_kv(self.pool, prefix), expected_kv(tokens[: req.prefix_len]))
+        return Turn(device_len, host_hit, loaded, req.prefix_len)
+
+    def finish(self, req: Req, output_ids: list[int]) -> None:
+        """Compute the rest (prompt tail and all outputs but the last), then release like SGLang does."""
+        prefix = self.cache.prefix_device_indices(req)
+        tokens = list(req.origin_input_ids) + output_ids
+        kv_len = len(tokens) - 1  # the last sampled token has no KV yet
+        need = kv_len - req.prefix_len
+        if self.allocator.available_size() < need:
+            self.cache.evict(EvictParams(num_tokens=need - self.allocator.available_size()))
+        new = self.allocator.alloc(need)
+        assert new is not None
+        self.req_pool.alloc([req])
+        row = torch.cat([prefix, new])
+        self.req_pool.write((req.kv.req_pool_idx, slice(0, kv_len)), row.to(torch.int32))
+        write_kv(self.pool, tokens[:kv_len], req.prefix_len, new)
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = kv_len
+        req.output_ids = array("q", output_ids)
+        req.finished_reason = FINISH_LENGTH(length=len(output_ids))
+        release_kv_cache(req, self.cache, checkpoint=True)
+
+    def run(self, rid: str, prompt_ids: list[int], output_ids: list[int]) -> Turn:
+        req = self.match(rid, prompt_ids, len(output_ids))
+        turn = self.admit(req)
+        self.finish(req, output_ids)
+        return turn
+
+    def evict_all(self) -> None:
+        self.cache.evict(EvictParams(num_tokens=10**9))
+        assert self.cache.total_size() == 0
+
+    def slots_accounted(self) -> bool:
+        """Idle engine: every slot is either free or owned by the tree."""
+        return self.allocator.available_size() + self.cache.total_size() == NUM_SLOTS
+
+    def close(self) -> None:
+        self.cache.release_host_resources()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_runtime(tmp_path_factory):
+    """SGLang's process-wide config (``runtime_context.publish``), which request
+    release reads, for a tiny local model config: no network, no weights."""
+    from transformers import LlamaConfig
+
+    from sglang.srt import runtime_context
+    from sglang.srt.server_args import ServerArgs
+
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    LlamaConfig(
+        architectures=["LlamaForCausalLM"], hidden_size=HEADS * DIM, intermediate_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=DIM, vocab_size=32000,
+        max_position_embeddings=512,
+    ).save_pretrained(model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        server_args = ServerArgs(
+            model_path=str(model_dir), skip_tokenizer_init=True, device="cpu",
+            radix_cache_backend=sglang_plugin.BACKEND_NAME,
+        )
+        runtime_context.publish(server_args, role="scheduler")
+    yield server_args
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+    try:
+        yield made
+    finally:
+        for e in made:
+            e.close()
+
+
+def test_registry_builds_backend_subclassing_sglang_radix_cache(workdir, engines):
+    engines.append(Engine(write_config(workdir, mode="ip"), seed=1))
+    cache = engines[0].cache
+    assert type(cache) is sglang_plugin.LMCSGLangRadixCache
+    assert isinstance(cache, RadixCache)
+    assert cache.mode is sglang_plugin.LMCacheMode.IP
+    # IP mode: SGLang's KV pool calls our counter before each layer.
+    assert engines[0].pool.layer_transfer_counter is cache.layer_transfer_counter
+
+
+def test_multi_turn_prefixes_come_back_from_daemon_byte_exact(workdir, daemons, engines):
+    config = write_config(workdir)
+    start_daemon(daemons, config)
+    e1 = Engine(config, seed=1)
+    engines.append(e1)
+    a = prompt(1, 45)
+    out1 = prompt(11, 6)
+    assert e1.run("t1", a, out1) == Turn(0, 0, 0, 0)  # 50 KV tokens -> 3 chunks stored
+    e1.evict_all()
+    assert e1.slots_accounted()
+
+    b = a + out1 + prompt(2, 20)  # turn 2 of the conversation
+    out2 = prompt(12, 4)
+    assert e1.run("t2", b, out2) == Turn(0, 48, 48, 48)  # 74 KV tokens -> chunk 3 added
+    assert e1.slots_accounted()
+
+    # A second engine whose tree holds only a partial chunk of the conversation:
+    # the load starts inside chunk 1 and must not overwrite its device KV.
+    e2 = Engine(config, seed=2)
+    engines.append(e2)
+    e2.run("u1", a[:20], prompt(13, 3))
+    c = b + out2 + prompt(3, 10)
+    assert e2.run("u2", c, prompt(14, 2)) == Turn(20, 44, 44, 64)
+    assert e2.slots_accounted()
+
+    # The first engine, evicted again, gets the longer prefix of turn 3 as well.
+    e1.evict_all()
+    assert e1.run("t3", c, prompt(15, 2)) == Turn(0, 80, 80, 80)
+    assert e1.slots_accounted()
+    assert e1.cache.load_back_stats.loaded_tokens == 48 + 80
+
+
+@pytest.mark.parametrize(
+    "ttl, lease_expired, expected",
+    [
+        # The engine still maps the stopped daemon's segment and the lease's slabs are
+        # unchanged there: the whole promised prefix loads, byte-exact.
+        (10.0, False, Turn(20, 44, 44, 64)),
+        # Past the lease (the scheduler waited): nothing loads; SGLang recomputes from
+        # the device prefix.
+        (1.0, True, Turn(20, 44, 0, 20)),
+    ],
+)
+def test_daemon_stopped_between_match_and_load_back(workdir, daemons, engines, ttl, lease_expired, expected):
+    config = write_config(workdir, lease_ttl_s=ttl)
+    daemon = start_daemon(daemons, config)
+    e = Engine(config, seed=3)
+    engines.append(e)
+    a = prompt(4, 70)
+    e.run("s1", a, prompt(16, 3))  # 72 KV tokens -> 4 chunks stored
+    e.evict_all()
+    assert e.run("s1b", a[:20], prompt(19, 3)) == Turn(0, 16, 16, 16)  # device tree: 22 tokens, 20 of them a's
+
+    req = e.match("s2", a + prompt(5, 5), 2)
+    assert (req.prefix_len, req.host_hit_length) == (20, 44)
+    assert daemon.stop() == 0
+    if lease_expired:
+        time.sleep(ttl)
+    assert e.admit(req) == expected  # admit checks the prefix's KV byte for byte
+    e.finish(req, prompt(17, 2))
+    assert e.slots_accounted()  # whatever the load allocated is in the tree or free again
+
+    # Daemon gone: a later request matches the device tree only, still byte-exact.
+    e.evict_all()
+    assert e.run("s3", a, prompt(18, 2)) == Turn(0, 0, 0, 0)
+    assert e.slots_accounted()
