@@ -80,7 +80,7 @@ def _run_rank(args: argparse.Namespace) -> None:
 
 
 def _launch(phase: str, ranks: list[int], tp_size: int, config: Path, tokens: int) -> list[dict]:
-    start_at = time.time() + 8.0
+    start_at = time.time() + 5.0
     procs = [
         subprocess.Popen([sys.executable, "-m", "benchmarks.tp_ranks", "--rank", str(r), "--tp-size", str(tp_size),
                           "--phase", phase, "--config", str(config), "--tokens", str(tokens),
