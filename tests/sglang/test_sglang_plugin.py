@@ -28,11 +28,9 @@ except SGLangUnavailable as exc:
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.common import release_kv_cache
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
     from sglang.srt.sampling.sampling_params import SamplingParams
@@ -40,11 +38,10 @@ with warnings.catch_warnings():
     from lmc_transfer.radix import sglang_plugin
 
 from tests.conftest_mp import start_daemon, write_config
-from tests.sglang.kv_model import DIM, HEADS, LAYERS, expected_kv, pool_kv, prompt, write_kv
+from tests.sglang.kv_model import expected_kv, pool_kv, prompt, write_kv
+from tests.sglang.sgl_env import make_pools, publish_runtime
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(120)]
-
-NUM_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -59,16 +56,8 @@ class Engine:
     """SGLang's pools and the registry-built cache, driven like SGLang's scheduler drives them."""
 
     def __init__(self, config_path, seed: int) -> None:
-        self.pool = MHATokenToKVPool(
-            size=NUM_SLOTS, page_size=1, dtype=torch.float16, head_num=HEADS, head_dim=DIM,
-            layer_num=LAYERS, device="cpu", enable_memory_saver=False,
-        )
-        g = torch.Generator().manual_seed(seed)
-        for buffers in (self.pool.k_buffer, self.pool.v_buffer):
-            for b in buffers:  # random bytes: a load that writes nothing cannot match by luck
-                b.view(torch.uint8).copy_(torch.randint(0, 256, b.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
-        self.allocator = TokenToKVPoolAllocator(NUM_SLOTS, torch.float16, "cpu", self.pool, need_sort=False)
-        self.req_pool = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
+        self.pools = make_pools(seed)
+        self.pool, self.allocator, self.req_pool = self.pools.pool, self.pools.allocator, self.pools.req_pool
         params = CacheInitParams(
             disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.allocator, page_size=1
         )
@@ -132,8 +121,7 @@ class Engine:
         assert self.cache.total_size() == 0
 
     def slots_accounted(self) -> bool:
-        """Idle engine: every slot is either free or owned by the tree."""
-        return self.allocator.available_size() + self.cache.total_size() == NUM_SLOTS
+        return self.pools.slots_accounted(self.cache.total_size())
 
     def close(self) -> None:
         self.cache.release_host_resources()
@@ -141,27 +129,7 @@ class Engine:
 
 @pytest.fixture(scope="module", autouse=True)
 def sglang_runtime(tmp_path_factory):
-    """SGLang's process-wide config (``runtime_context.publish``), which request
-    release reads, for a tiny local model config: no network, no weights."""
-    from transformers import LlamaConfig
-
-    from sglang.srt import runtime_context
-    from sglang.srt.server_args import ServerArgs
-
-    model_dir = tmp_path_factory.mktemp("tiny-model")
-    LlamaConfig(
-        architectures=["LlamaForCausalLM"], hidden_size=HEADS * DIM, intermediate_size=32, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=DIM, vocab_size=32000,
-        max_position_embeddings=512,
-    ).save_pretrained(model_dir)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        server_args = ServerArgs(
-            model_path=str(model_dir), skip_tokenizer_init=True, device="cpu",
-            radix_cache_backend=sglang_plugin.BACKEND_NAME,
-        )
-        runtime_context.publish(server_args, role="scheduler")
-    yield server_args
+    return publish_runtime(tmp_path_factory.mktemp("tiny-model"), radix_cache_backend=sglang_plugin.BACKEND_NAME)
 
 
 @pytest.fixture

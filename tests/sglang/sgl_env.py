@@ -1,0 +1,70 @@
+"""SGLang's own pools and process-wide config, built the same way for every tested release.
+
+Import only after ``load_sglang`` made ``sglang.srt.mem_cache`` importable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.sglang.kv_model import DIM, HEADS, LAYERS
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+NUM_SLOTS = 256
+
+
+@dataclass
+class KVPools:
+    pool: Any  # MHATokenToKVPool
+    allocator: Any  # TokenToKVPoolAllocator
+    req_pool: Any  # ReqToTokenPool
+
+    def slots_accounted(self, tree_size: int) -> bool:
+        """Idle engine: every slot is either free or owned by the tree."""
+        return self.allocator.available_size() + tree_size == NUM_SLOTS
+
+
+def make_pools(seed: int) -> KVPools:
+    """SGLang's CPU pools; the KV starts as random bytes, so a load that writes nothing cannot match by luck."""
+    pool = MHATokenToKVPool(
+        size=NUM_SLOTS, page_size=1, dtype=torch.float16, head_num=HEADS, head_dim=DIM,
+        layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+    )
+    g = torch.Generator().manual_seed(seed)
+    for buffers in (pool.k_buffer, pool.v_buffer):
+        for b in buffers:
+            raw = b.view(torch.uint8)
+            raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+    allocator = TokenToKVPoolAllocator(NUM_SLOTS, torch.float16, "cpu", pool, need_sort=False)
+    req_pool = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
+    return KVPools(pool, allocator, req_pool)
+
+
+def publish_runtime(model_dir: Path, **server_args: Any) -> Any:
+    """Publish SGLang's process-wide config (``runtime_context.publish``), which request
+    handling reads, for a tiny local model config: no network, no weights."""
+    from transformers import LlamaConfig
+
+    from sglang.srt import runtime_context
+    from sglang.srt.server_args import ServerArgs
+
+    LlamaConfig(
+        architectures=["LlamaForCausalLM"], hidden_size=HEADS * DIM, intermediate_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=DIM, vocab_size=32000,
+        max_position_embeddings=512,
+    ).save_pretrained(model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        args = ServerArgs(model_path=str(model_dir), skip_tokenizer_init=True, device="cpu", **server_args)
+        runtime_context.publish(args, role="scheduler")
+    return args
