@@ -61,6 +61,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     store = MPStore(config, target)
     dst_slots = torch.arange(args.tokens, 2 * args.tokens, device="cuda")
     lease = store.lookup(keys)
+    store.load(lease, dst_slots)  # warm-up: the first launch in a process compiles the kernel
     torch.cuda.synchronize()
     while time.time() < args.start_at:
         time.sleep(0.0005)
