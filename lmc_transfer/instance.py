@@ -24,7 +24,7 @@ import logging
 import os
 from pathlib import Path
 
-from lmc_transfer.config import LMCTransferConfig, default_mp_socket
+from lmc_transfer.config import DEFAULT_MP_PORT, LMCTransferConfig, default_mp_socket
 from lmc_transfer.shm import unlink_segment
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def runtime_stem(config: LMCTransferConfig) -> Path:
     ipc = config.mp_ipc_path
     if ipc is not None:
         return Path(ipc)
-    port = config.mp_port if config.mp_port is not None else 5555
+    port = config.mp_port if config.mp_port is not None else DEFAULT_MP_PORT
     host = config.tcp_host.replace(":", "_").replace("/", "_")
     return Path(default_mp_socket()).parent / f"tcp-{host}-{port}"
 
