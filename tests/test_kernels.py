@@ -41,37 +41,35 @@ def _slots(gen: torch.Generator, n: int, *, page_aligned: bool, device: str) -> 
     return slots.to(device)
 
 
-def _oracle_gather(buffers: KVBuffers, slots: torch.Tensor, slabs: list[torch.Tensor], token_offset: int,
-                   layers: range) -> list[torch.Tensor]:
-    """Expected slabs after a gather, written token by token from the layout contract."""
+def _mapped_rows(buffers: KVBuffers, slots: torch.Tensor, token_offset: int, layers: range):
+    """(slot, layer, plane, slab index, byte range in the slab) of every row a transfer maps,
+    derived token by token from the layout contract (independently of kernels/reference.py)."""
     g = buffers.geometry
-    out = [s.clone() for s in slabs]
     for i, slot in enumerate(slots.tolist()):
         if slot < 0 or slot >= buffers.num_slots:
             continue
         chunk, row = divmod(token_offset + i, CHUNK)
         for layer in layers:
-            base = layer * g.layer_bytes(CHUNK)
             for plane, rb in enumerate(g.plane_row_bytes):
-                start = base + g.plane_offset(plane, CHUNK) + row * rb
-                out[chunk][start:start + rb] = buffers.plane_rows(layer, plane)[slot].cpu()
+                start = layer * g.layer_bytes(CHUNK) + g.plane_offset(plane, CHUNK) + row * rb
+                yield slot, layer, plane, chunk, slice(start, start + rb)
+
+
+def _oracle_gather(buffers: KVBuffers, slots: torch.Tensor, slabs: list[torch.Tensor], token_offset: int,
+                   layers: range) -> list[torch.Tensor]:
+    """Expected slabs after a gather."""
+    out = [s.clone() for s in slabs]
+    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers):
+        out[chunk][where] = buffers.plane_rows(layer, plane)[slot].cpu()
     return out
 
 
 def _oracle_scatter(buffers: KVBuffers, slots: torch.Tensor, slabs: list[torch.Tensor], token_offset: int,
                     layers: range) -> list[torch.Tensor]:
     """Expected plane bytes (buffer_bytes order) after a scatter."""
-    g = buffers.geometry
     expected = clone_buffers(buffers)
-    for i, slot in enumerate(slots.tolist()):
-        if slot < 0 or slot >= buffers.num_slots:
-            continue
-        chunk, row = divmod(token_offset + i, CHUNK)
-        for layer in layers:
-            base = layer * g.layer_bytes(CHUNK)
-            for plane, rb in enumerate(g.plane_row_bytes):
-                start = base + g.plane_offset(plane, CHUNK) + row * rb
-                expected.plane_rows(layer, plane)[slot] = slabs[chunk][start:start + rb].to(buffers.device)
+    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers):
+        expected.plane_rows(layer, plane)[slot] = slabs[chunk][where].to(buffers.device)
     return buffer_bytes(expected)
 
 
