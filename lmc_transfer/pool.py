@@ -70,6 +70,8 @@ class _ReservationEntry:
 
 def _check_keys(keys: Sequence[bytes]) -> tuple[bytes, ...]:
     out = tuple(keys)
+    if all(type(k) is bytes for k in out):  # the common case in one pass (LOOKUP is latency-bound)
+        return out
     for i, k in enumerate(out):
         if not isinstance(k, bytes):
             raise TypeError(f"keys[{i}]: expected bytes, got {type(k).__name__}")
@@ -168,8 +170,7 @@ class SlabPool:
                 slab_ids.append(slab_id)
             if not slab_ids:
                 return Lease(lease_id=0, keys=keys, slab_ids=(), generations=(), deadline=now + ttl_s)
-            for slab_id in slab_ids:
-                self._pin(slab_id)
+            self._pin_all(slab_ids)
             lease_id = next(self._ids)
             deadline = now + ttl_s
             self._leases[lease_id] = _LeaseEntry(tuple(slab_ids), deadline)
@@ -178,7 +179,7 @@ class SlabPool:
                 lease_id=lease_id,
                 keys=keys,
                 slab_ids=tuple(slab_ids),
-                generations=tuple(int(self._gens[s]) for s in slab_ids),
+                generations=tuple(self._gens[slab_ids].tolist()),
                 deadline=deadline,
             )
 
@@ -313,10 +314,12 @@ class SlabPool:
 
     # -- internals (lock held) -----------------------------------------------
 
-    def _pin(self, slab_id: int) -> None:
-        if self._pins[slab_id] == 0:
-            self._lru.pop(slab_id, None)
-        self._pins[slab_id] += 1
+    def _pin_all(self, slab_ids: Sequence[int]) -> None:
+        pins, lru = self._pins, self._lru  # local names: this runs once per chunk of every lookup
+        for slab_id in slab_ids:
+            if pins[slab_id] == 0:
+                lru.pop(slab_id, None)
+            pins[slab_id] += 1
 
     def _unpin_all(self, slab_ids: Sequence[int]) -> None:
         for slab_id in slab_ids:
