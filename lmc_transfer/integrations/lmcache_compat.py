@@ -207,8 +207,9 @@ class LMCacheMPConnector(_Connector):
 
     def retrieve_kv(self, load_metadata: LoadMetadata) -> int:
         """Load the leased chunks from ``offset`` into ``slot_mapping`` (-1 entries are
-        skipped); returns the tokens loaded from ``offset`` (0 when none past
-        ``offset + prefix_pad``). The lease is released either way."""
+        skipped); returns the tokens loaded from ``offset``: all of the lookup's hit
+        or 0, because SGLang 0.5.20's scheduler rejects a partial load-back (a
+        shorter load is discarded and recomputed). The lease is released either way."""
         with self._pending_lock:
             hit = self._pending.pop(load_metadata.request_id, None)
         if hit is None:
@@ -229,7 +230,11 @@ class LMCacheMPConnector(_Connector):
             loaded = self.store.load(part, slots).tokens_loaded
         finally:
             self.store.release(hit.lease)
-        return loaded if loaded > load_metadata.prefix_pad else 0
+        promised = (n - first) * cs
+        if loaded < promised:
+            log.info("retrieve_kv %s: %d of %d tokens intact; recomputing", load_metadata.request_id, loaded, promised)
+            return 0
+        return loaded
 
     def release_pending(self, request_id: str) -> None:
         with self._pending_lock:
