@@ -278,3 +278,10 @@ def test_pth_line_installs_shim_in_a_fresh_interpreter():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "lmc_transfer.integrations.lmcache_compat"
+
+
+def test_registry_plugin_refuses_this_release_naming_it():
+    import importlib
+
+    with pytest.raises(SGLangUnavailable, match=r"supports SGLang 0\.5\.23; the installed SGLang is 0\.5\.20 "):
+        importlib.import_module("lmc_transfer.radix.sglang_plugin")
