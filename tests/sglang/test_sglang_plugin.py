@@ -218,3 +218,19 @@ def test_daemon_stopped_between_match_and_load_back(workdir, daemons, engines, t
     e.evict_all()
     assert e.run("s3", a, prompt(18, 2)) == Turn(0, 0, 0, 0)
     assert e.slots_accounted()
+
+
+def test_ip_mode_loads_inside_match_prefix_byte_exact(workdir, engines):
+    e = Engine(write_config(workdir, mode="ip"), seed=6)
+    engines.append(e)
+    a, out1 = prompt(9, 45), prompt(31, 6)
+    assert e.run("i1", a, out1) == Turn(0, 0, 0, 0)
+    e.evict_all()
+    assert e.slots_accounted()
+    b = a + out1 + prompt(10, 20)
+    assert e.run("i2", b, prompt(32, 4)) == Turn(48, 0, 0, 48)  # loaded by match_prefix itself
+    e.evict_all()
+    e.run("i3", a[:20], prompt(33, 3))  # a partial chunk on the device: the load skips those 20 tokens
+    assert e.run("i4", b, prompt(34, 2)) == Turn(64, 0, 0, 64)
+    assert e.slots_accounted()
+    assert e.cache.load_back_stats.loaded_tokens == 48 + 16 + 44
