@@ -92,16 +92,23 @@ class LayerTransferCounter:
         self._store, self._lease, self._prepared, self._waited = store, lease, prepared, -1
         if prepared is None:
             return
-        if self._stream is None:
-            self.transfer.run(prepared, Direction.SCATTER)
-            return
-        # After prepare, whose index tables are queued on the caller's stream.
-        self._stream.wait_stream(torch.cuda.current_stream(self._device))
-        for layer in range(self.num_layers):
-            self.transfer.run(prepared, Direction.SCATTER, layers=range(layer, layer + 1), stream=self._stream)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-            self._events.append(event)
+        try:
+            if self._stream is None:
+                self.transfer.run(prepared, Direction.SCATTER)
+                return
+            # After prepare, whose index tables are queued on the caller's stream.
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            for layer in range(self.num_layers):
+                self.transfer.run(prepared, Direction.SCATTER, layers=range(layer, layer + 1), stream=self._stream)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                self._events.append(event)
+        except BaseException:
+            # Nothing half-queued may outlive the failure: the caller frees the slots next.
+            if self._stream is not None:
+                self._stream.synchronize()
+            self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
+            raise
 
     def wait_until(self, layer: int) -> None:
         """Make the current stream wait until layer ``layer`` has arrived; free when repeated,
@@ -172,19 +179,19 @@ class LayerwiseStore:
             raise RuntimeError("after_layer: this store already finished or aborted")
         if layer in self._gathered:
             raise ValueError(f"layer: {layer} was already stored")
+        if self._prepared is not None:
+            layers = range(layer, layer + 1)
+            if self._stream is None:
+                self.transfer.run(self._prepared, Direction.GATHER, layers=layers)
+            else:
+                written = torch.cuda.Event()
+                written.record(torch.cuda.current_stream(self._device))
+                self._stream.wait_event(written)
+                self.transfer.run(self._prepared, Direction.GATHER, layers=layers, stream=self._stream)
+                self._last_event = torch.cuda.Event()
+                self._last_event.record(self._stream)
+        # Only a layer whose gather was queued counts: finish() must never commit a missing one.
         self._gathered.add(layer)
-        if self._prepared is None:
-            return
-        layers = range(layer, layer + 1)
-        if self._stream is None:
-            self.transfer.run(self._prepared, Direction.GATHER, layers=layers)
-            return
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self._device))
-        self._stream.wait_event(written)
-        self.transfer.run(self._prepared, Direction.GATHER, layers=layers, stream=self._stream)
-        self._last_event = torch.cuda.Event()
-        self._last_event.record(self._stream)
 
     def done(self) -> bool:
         """Whether every layer has been queued and every queued gather has finished (no blocking)."""

@@ -226,3 +226,53 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
     torch.cuda.synchronize()
     for got, want in zip(rows(buffers, dst), expected):
         assert torch.equal(got, want)
+
+
+class _FailingTransfer(Transfer):
+    """A Transfer whose run() raises for the chosen layers (a launch or allocation failure)."""
+
+    def __init__(self, buffers, fail_layers: set[int]) -> None:
+        super().__init__(buffers, CS)
+        self.fail_layers = fail_layers
+
+    def run(self, prepared, direction, *, layers=None, stream=None):
+        if set(layers if layers is not None else range(LAYERS)) & self.fail_layers:
+            raise RuntimeError("injected launch failure")
+        return super().run(prepared, direction, layers=layers, stream=stream)
+
+
+def test_failed_start_load_leaves_the_counter_reusable() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(7, 2)
+    src = slot_range(0, 8)
+    expected = rows(store.buffers, src)
+    assert store_layerwise(store, keys, src) == 2
+    lease = store.lookup(keys)
+    counter = LayerTransferCounter(_FailingTransfer(store.buffers, fail_layers={0, 1, 2}))
+    with pytest.raises(RuntimeError, match="injected launch failure"):
+        counter.start_load(store, lease, slot_range(40, 8))
+    assert not counter.in_flight
+    with pytest.raises(RuntimeError, match="no load in flight"):
+        counter.finish()  # nothing may be reported as loaded after a failed start
+    counter.transfer.fail_layers = set()
+    dst = slot_range(40, 8)
+    counter.start_load(store, lease, dst)
+    assert counter.finish().chunks_loaded == 2
+    store.release(lease)
+    for got, want in zip(rows(store.buffers, dst), expected):
+        assert torch.equal(got, want)
+
+
+def test_a_layer_whose_gather_failed_is_never_committed() -> None:
+    store = make_store(num_layers=LAYERS)
+    keys = keys_for(8, 2)
+    saver = LayerwiseStore(_FailingTransfer(store.buffers, fail_layers={1}), store, store.reserve(keys),
+                           slot_range(0, 8))
+    saver.after_layer(0)
+    with pytest.raises(RuntimeError, match="injected launch failure"):
+        saver.after_layer(1)
+    saver.after_layer(2)
+    with pytest.raises(ValueError, match=r"layers \[1\] were not"):
+        saver.finish()
+    assert store.lookup(keys).num_chunks == 0
+    assert store.pool.stats().reservations == 0
