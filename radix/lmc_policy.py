@@ -225,19 +225,25 @@ class LMCPolicy:
             raise
         if finish is None:
             self.store.release(hit.lease)
-        # Every rank reaches this point once per load, whatever happened above.
-        keep = min(loaded, max(0, self.tp_agree(hit.device_len + loaded) - hit.device_len))
-        if slots is None:
-            return LoadBack(self._empty(), last_node)
-        unused = slots[keep:]
-        if finish is not None:
-            # The copy may still write into the unused slots: free them once it is done.
-            self._pending_finish.append((finish, unused))
-        elif unused.numel():
-            self.allocator.free(unused)
-        if not keep:
-            return LoadBack(self._empty(), last_node)
-        indices, node = tree.attach_loaded(last_node, list(token_ids[hit.device_len : hit.device_len + keep]), slots[:keep])
+        keep = 0
+        try:
+            # Every rank reaches this point once per load, whatever happened above.
+            keep = min(loaded, max(0, self.tp_agree(hit.device_len + loaded) - hit.device_len))
+            if slots is None or not keep:
+                return LoadBack(self._empty(), last_node)
+            tokens = list(token_ids[hit.device_len : hit.device_len + keep])
+            indices, node = tree.attach_loaded(last_node, tokens, slots[:keep])
+        except BaseException:
+            keep = 0  # nothing attached: every slot goes back
+            raise
+        finally:
+            if slots is not None:
+                unused = slots[keep:]
+                if finish is not None:
+                    # The copy may still write into the unused slots: free them once it is done.
+                    self._pending_finish.append((finish, unused))
+                elif unused.numel():
+                    self.allocator.free(unused)
         return LoadBack(indices, node)
 
     def finish_loads(self) -> None:
@@ -277,11 +283,15 @@ class LMCPolicy:
         reservation = self.store.reserve(self.keys(token_ids[:n]))
         if reservation.num_chunks == 0:
             return None
+        writer: LayerwiseStore | None = None
         try:
             writer = LayerwiseStore(transfer, self.store, reservation, slots[:n], stream=stream)
             for layer in range(transfer.buffers.num_layers):
                 writer.after_layer(layer)
         except BaseException:
-            self.store.abort(reservation)
+            if writer is not None:
+                writer.abort()  # waits for the gathers already queued before giving the slabs back
+            else:
+                self.store.abort(reservation)
             raise
         return writer

@@ -129,6 +129,7 @@ class LMCRadixCache(RadixCache):
         self.layer_transfer_counter = LayerTransferCounter(self._new_transfer())
         self._in_flight_stores: list[tuple[TreeNode, LayerwiseStore]] = []
         self._mp_load_back_markers: dict[str, _LoadBackMarker] = {}
+        self._torn_nodes: list[TreeNode] = []
         self.load_back_stats = LoadBackStats()
 
     @property
@@ -227,7 +228,11 @@ class LMCRadixCache(RadixCache):
             try:
                 landed = counter.finish().tokens_loaded
                 if landed < expected:
-                    log.error("layerwise load: %d of %d tokens changed during the copy", expected - landed, expected)
+                    # The tree already holds these tokens (the forward pass read them while they
+                    # landed); they must not serve anyone else.
+                    log.error("layerwise load: %d of %d tokens changed during the copy; dropping them",
+                              expected - landed, expected)
+                    self._drop_torn(slots[landed:expected])
             finally:
                 self.store.release(lease)
                 if unused.numel():
@@ -238,6 +243,39 @@ class LMCRadixCache(RadixCache):
     def finish_loads(self) -> None:
         """Barrier for IP layerwise loads still in flight (a no-op on CPU and in MP)."""
         self.policy.finish_loads()
+        self._drop_torn_nodes()
+
+    def _drop_torn(self, torn_slots: torch.Tensor) -> None:
+        """Mark every node holding one of ``torn_slots`` (and so its subtree, whose KV was
+        computed from it) for removal; removed as soon as nothing locks it."""
+        bad = set(torn_slots.tolist())
+        stack = [self.root_node]
+        while stack:
+            node = stack.pop()
+            for child in node.children.values():
+                if bad.intersection(child.value.tolist()):
+                    self._torn_nodes.append(child)
+                else:
+                    stack.append(child)
+        self._drop_torn_nodes()
+
+    def _drop_torn_nodes(self) -> None:
+        waiting = []
+        for top in self._torn_nodes:
+            if not self.node_in_tree(top):
+                continue  # evicted meanwhile: its slots went back with it
+            subtree, stack = [], [top]
+            while stack:
+                node = stack.pop()
+                subtree.append(node)
+                stack.extend(node.children.values())
+            if any(node.lock_ref for node in subtree):
+                waiting.append(top)  # a running request still reads it
+                continue
+            for node in reversed(subtree):  # children before their parents
+                self.token_to_kv_pool_allocator.free(node.value)
+                self._delete_leaf(node)
+        self._torn_nodes = waiting
 
     # ----- storing -----
 
@@ -245,6 +283,7 @@ class LMCRadixCache(RadixCache):
         self.release_request(req.rid)
         self.finish_loads()
         super().cache_finished_req(req, is_insert=is_insert)
+        self._drop_torn_nodes()  # the request's lock is gone now
         if is_insert and not self.disable:
             self._store_prefix(req.fill_ids)
 
@@ -302,6 +341,8 @@ class LMCRadixCache(RadixCache):
 
     def evict(self, num_tokens: int) -> int:
         if not self.disable:
+            # Loads still landing write into slots that eviction would hand out again.
+            self.finish_loads()
             self._reap_stores(block=True)
         return super().evict(num_tokens)
 

@@ -336,3 +336,62 @@ def test_tp_min_reduce_hook_limits_the_prefix(mode, workdir, daemons):
     assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS - CHUNK
     assert pool_counts(cache, daemon) == (0, 0)
     cache.release_host_resources()
+
+
+def device_match(cache: LMCRadixCache, key: list[int]) -> int:
+    """Tokens of ``key`` in the device tree (no host lookup, unlike IP match_prefix)."""
+    values, _ = cache._match_prefix_helper(cache.root_node, key)
+    return sum(v.numel() for v in values)
+
+
+def test_torn_layerwise_load_is_dropped_from_the_tree_once_unlocked(workdir, daemons):
+    """A load whose slabs changed after the forward pass read them (an expired lease on the
+    asynchronous CUDA path) must leave nothing in the tree for later requests."""
+    cfg, _ = setup("ip", workdir, daemons)
+    cache = new_cache(cfg, seed=41)
+    allocator = cache.token_to_kv_pool_allocator
+    free_at_start = allocator.available_size()
+    prompt = tokens(41, 3 * CHUNK)
+    compute_and_finish(cache, prompt)
+    head = prompt[:CHUNK]
+    cache.evict(10**6)
+    cache.insert(head + [7], allocator.alloc(CHUNK + 1))  # the device prefix, and a branch that must survive
+    loaded = cache.match_prefix(prompt)
+    assert loaded.device_indices.numel() == 3 * CHUNK
+    extension = cache.insert(prompt + [1, 2], torch.cat([loaded.device_indices, allocator.alloc(2)]))
+    assert extension == 3 * CHUNK
+    node = loaded.last_device_node
+    cache.inc_lock_ref(node)  # a running request
+    cache._drop_torn(loaded.device_indices[2 * CHUNK:])
+    assert device_match(cache, prompt) == 3 * CHUNK, "dropped while a request holds it"
+    cache.dec_lock_ref(node)
+    cache.finish_loads()
+    # the loaded node (chunks 2-3, one node) holding the torn chunk goes whole, with what grew from it
+    assert device_match(cache, prompt + [1, 2]) == CHUNK
+    assert device_match(cache, head + [7]) == CHUNK + 1  # the sibling branch stays
+    cache.evict(10**6)
+    assert allocator.available_size() == free_at_start
+
+
+def test_a_failing_tp_reduce_after_the_load_leaks_no_slot_or_lease(workdir, daemons):
+    cfg, _ = setup("ip", workdir, daemons)
+    calls: list[int] = []
+
+    def reduce_fails_after_the_load(n: int) -> int:
+        calls.append(n)
+        if len(calls) == 2:
+            raise RuntimeError("collective failed")
+        return n
+
+    cache = new_cache(cfg, seed=12, tp_min_reduce=reduce_fails_after_the_load)
+    prompt = tokens(12, 2 * CHUNK + 1)
+    compute_and_finish(cache, prompt)
+    cache.evict(NUM_SLOTS)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="collective failed"):
+        cache.match_prefix(prompt, req=Req("r", prompt))
+    assert len(calls) == 2
+    assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS
+    assert device_match(cache, prompt) == 0
+    assert pool_counts(cache) == (0, 0)
+    cache.release_host_resources()
