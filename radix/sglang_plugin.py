@@ -87,6 +87,8 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     # Tree-agnostic host-cache glue, shared with our own LMCRadixCache rather than
     # copied: these functions only touch attributes both classes define.
     _layerwise_loader = LMCRadixCache._layerwise_loader
+    _drop_torn = LMCRadixCache._drop_torn
+    _drop_torn_nodes = LMCRadixCache._drop_torn_nodes
     _timed_load_back = LMCRadixCache._timed_load_back
     _reap_stores = LMCRadixCache._reap_stores
     _settle_all = LMCRadixCache._settle_all
@@ -139,6 +141,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         self.layer_transfer_counter = LayerTransferCounter(self._new_transfer())
         self._in_flight_stores: list[tuple[Any, LayerwiseStore]] = []
         self._mp_load_back_markers: dict[str, _LoadBackMarker] = {}
+        self._torn_nodes: list[Any] = []  # torn IP loads, dropped from the tree once unlocked
         self.load_back_stats = LoadBackStats()
 
     @property
@@ -245,6 +248,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         self.release_request(req.rid)
+        self._drop_torn_nodes()  # the request's lock is gone now
 
     # ----- eviction, cleanup -----
 
@@ -253,6 +257,8 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         if isinstance(params, int):
             params = EvictParams(num_tokens=params)
         if not self.disable:
+            # Loads still landing write into slots that eviction would hand out again.
+            self.finish_loads()
             self._reap_stores(block=True)
         return super().evict(params)
 
