@@ -19,11 +19,19 @@ import numpy as np
 import torch
 
 from lmc_transfer.disk_tier import geometry_digest
-from lmc_transfer.kernels import Direction, KVBuffers, SlotRangeError
+from lmc_transfer.kernels import Direction, KVBuffers
 from lmc_transfer.layerwise import chunk_slots, lease_slots
 from lmc_transfer.pool import SlabPool
 from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
-from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, StoreStats
+from lmc_transfer.store import (
+    CacheStore,
+    Lease,
+    LoadResult,
+    Reservation,
+    StoreStats,
+    check_loaded_slots,
+    check_saved_slots,
+)
 from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
 
 from .config import LMCTransferConfig
@@ -97,9 +105,16 @@ class IPStore(CacheStore):
         pool = self.pool
         lease = pool.lookup(keys, self._ttl_s)
         n = lease.num_chunks
-        if self._remote is not None and n < len(lease.keys) and self._remote.fill(pool, lease.keys[n:], self._ttl_s):
-            first, lease = lease, pool.lookup(keys, self._ttl_s)
-            pool.release(first.lease_id)
+        if self._remote is not None and n < len(lease.keys):
+            first = lease
+            try:
+                if self._remote.fill(pool, first.keys[n:], self._ttl_s):
+                    lease = pool.lookup(keys, self._ttl_s)
+            except BaseException:
+                pool.release(first.lease_id)
+                raise
+            if lease is not first:
+                pool.release(first.lease_id)
         with self._stats_lock:
             self._stats.lookups += 1
             self._stats.hit_chunks += lease.num_chunks
@@ -117,10 +132,7 @@ class IPStore(CacheStore):
             slabs = self.slab_views(lease.slab_ids[:intact])
             prepared = self._copy(Direction.SCATTER, slots[: intact * self.chunk_size], slabs, layers)
             if prepared.plan.error_flag.is_set():
-                raise SlotRangeError(
-                    f"slots: some of the {intact * self.chunk_size} slots are past the end of the KV buffers "
-                    f"({self.buffers.num_slots} slots)"
-                )
+                check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
             intact = pool.verify(lease.slab_ids[:intact], lease.generations[:intact])
         num_layers = self.buffers.num_layers if layers is None else len(layers)
         with self._stats_lock:
@@ -157,12 +169,8 @@ class IPStore(CacheStore):
             return 0
         try:
             selected = chunk_slots(reservation, slots, self.chunk_size)
-            negative = (selected < 0).any()
-            prepared = self._copy(Direction.GATHER, selected, self.slab_views(reservation.slab_ids), None)
-            if bool(negative) or prepared.plan.error_flag.is_set():
-                raise SlotRangeError(
-                    f"slots: every slot of a saved chunk must be in [0, {self.buffers.num_slots}), got some outside"
-                )
+            self._copy(Direction.GATHER, selected, self.slab_views(reservation.slab_ids), None)
+            check_saved_slots(selected, self.buffers.num_slots)
         except BaseException:
             self.abort(reservation)
             raise

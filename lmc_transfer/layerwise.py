@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lmc_transfer.kernels import Direction, SlotRangeError
-from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation
+from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, check_loaded_slots, check_saved_slots
 from lmc_transfer.transfer import PreparedTransfer, Transfer
 
 
@@ -130,9 +130,7 @@ class LayerTransferCounter:
             torch.cuda.current_stream(self._device).wait_event(events[-1])
             events[-1].synchronize()
         if prepared is not None and prepared.plan.error_flag.is_set():
-            raise SlotRangeError(
-                f"slots: some slots are past the end of the KV buffers ({self.transfer.buffers.num_slots} slots)"
-            )
+            check_loaded_slots(prepared.plan.slots, self.transfer.buffers.num_slots)
         loaded = store.verify(lease) if prepared is not None else 0
         return LoadResult(chunks_loaded=loaded, tokens_loaded=loaded * store.chunk_size)
 
@@ -169,7 +167,6 @@ class LayerwiseStore:
         self._prepared: PreparedTransfer | None = None
         if reservation.num_chunks:
             selected = chunk_slots(reservation, slots, store.chunk_size)
-            self._negative = (selected < 0).any()
             self._prepared = transfer.prepare(selected, store.slab_views(reservation.slab_ids))
 
     def after_layer(self, layer: int) -> None:
@@ -210,11 +207,11 @@ class LayerwiseStore:
         self._closed = True
         if self._prepared is None:
             return 0
-        if bool(self._negative) or self._prepared.plan.error_flag.is_set():
+        try:
+            check_saved_slots(self._prepared.plan.slots, self.transfer.buffers.num_slots)
+        except SlotRangeError:
             self.store.abort(self.reservation)
-            raise SlotRangeError(
-                f"slots: every slot of a saved chunk must be in [0, {self.transfer.buffers.num_slots}), got some outside"
-            )
+            raise
         return self.store.commit(self.reservation)
 
     def abort(self) -> None:

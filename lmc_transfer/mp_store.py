@@ -48,8 +48,16 @@ from lmc_transfer.protocol import (
     encode_request,
 )
 from lmc_transfer.shm import SharedSegment
-from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, StoreStats
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.store import (
+    CacheStore,
+    Lease,
+    LoadResult,
+    Reservation,
+    StoreStats,
+    check_loaded_slots,
+    check_saved_slots,
+)
+from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +249,10 @@ class MPStore(CacheStore):
             raise DaemonError(ErrorCode.GEOMETRY, f"daemon slabs are {slab_bytes} bytes, this engine needs {self.slab_bytes}")
         if self._segment is None or self._segment.name != name:
             if self._segment is not None:
+                # Copies queued by callers that drive the kernels themselves (LayerwiseStore)
+                # may still target the old mapping: let them land before it is unregistered.
+                if self.buffers.device.type == "cuda":
+                    torch.cuda.synchronize(self.buffers.device)
                 self._segment.close()
                 self._segment = None
             self._segment = SharedSegment.open(name, num_slabs, slab_bytes)
@@ -327,7 +339,9 @@ class MPStore(CacheStore):
                 self._stats.generation_misses += n
                 return LoadResult(0, 0)
             slabs = [session.segment.slab(s) for s in lease.slab_ids]
-            self._copy_scatter(slots, slabs, layers)
+            prepared = self._copy_scatter(slots, slabs, layers)
+            if prepared.plan.error_flag.is_set():
+                check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
             ok = self._verify_in(session, lease.slab_ids, lease.generations)
             self._stats.generation_misses += n - ok
             layer_count = self.buffers.num_layers if layers is None else len(layers)
@@ -393,7 +407,12 @@ class MPStore(CacheStore):
                 self._stats.dropped_chunks += n
                 return 0
             chunk_slots = torch.cat([slots[i * cs : (i + 1) * cs] for i in reservation.chunk_indices])
-            self._copy_gather(chunk_slots, [session.segment.slab(s) for s in reservation.slab_ids])
+            try:
+                self._copy_gather(chunk_slots, [session.segment.slab(s) for s in reservation.slab_ids])
+                check_saved_slots(chunk_slots, self.buffers.num_slots)
+            except BaseException:
+                self.abort(reservation)  # never leave the keys "being written" until the TTL
+                raise
             return self.commit(reservation)
 
     def commit(self, reservation: Reservation) -> int:
@@ -503,9 +522,10 @@ class MPStore(CacheStore):
     # The one place the data path is chosen; both directions wait for the copy
     # to finish, because generations are checked (load) or the slabs are
     # published (save) right after.
-    def _copy_scatter(self, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None) -> None:
-        self._transfer.scatter(slots, slabs, layers=layers)
+    def _copy_scatter(self, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None) -> PreparedTransfer:
+        prepared = self._transfer.scatter(slots, slabs, layers=layers)
         self._transfer.synchronize()
+        return prepared
 
     def _copy_gather(self, slots: torch.Tensor, slabs: list[torch.Tensor]) -> None:
         self._transfer.gather(slots, slabs)

@@ -12,6 +12,7 @@ import torch
 import zmq
 
 from lmc_transfer.config import load_config
+from lmc_transfer.kernels import SlotRangeError
 from lmc_transfer.mp_store import DaemonConnection, DaemonUnavailable, MPStore
 from lmc_transfer.protocol import PROTOCOL_VERSION, MsgType
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
@@ -289,3 +290,29 @@ def test_late_reply_to_a_timed_out_request_is_discarded(workdir):
         conn.close()
         router.close()
         ctx.term()
+
+
+def test_bad_slots_abort_the_save_at_once_and_are_named(workdir, daemons):
+    """A store with an out-of-range or negative slot would commit the slab's old bytes for
+    that row: it is refused, and its keys are free to be stored again right away."""
+    d = start_daemon(daemons, write_config(workdir))
+    store = MPStore(d.config, make_buffers(61))
+    try:
+        keys = prompt_keys(store.buffers, tokens_for(61, 2))
+        slots = torch.arange(2 * CHUNK)
+        slots[CHUNK + 3] = store.buffers.num_slots + 9
+        with pytest.raises(SlotRangeError, match=rf"slots\[{CHUNK + 3}\] = {store.buffers.num_slots + 9} is outside"):
+            store.save(store.reserve(keys), slots)
+        assert d.stats()["pool"]["reservations"] == 0
+        slots[CHUNK + 3] = -1
+        with pytest.raises(SlotRangeError, match=rf"slots\[{CHUNK + 3}\] = -1 is outside"):
+            store.save(store.reserve(keys), slots)
+        assert store.save(store.reserve(keys), torch.arange(2 * CHUNK)) == 2
+        lease = store.lookup(keys)
+        far = torch.arange(2 * CHUNK) + 40
+        far[1] = store.buffers.num_slots
+        with pytest.raises(SlotRangeError, match=rf"slots\[1\] = {store.buffers.num_slots} is past the end"):
+            store.load(lease, far)
+        store.release(lease)
+    finally:
+        store.close()
