@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -152,16 +153,15 @@ def word_offsets(addresses: Sequence[int], anchor: torch.Tensor, stream: torch.c
         return host.to(anchor.device, non_blocking=True)
 
 
-_plane_tables: dict[int, tuple[KVBuffers, torch.Tensor]] = {}
+# Weak keys: a table must not keep an engine's (possibly rebuilt) KV buffers alive.
+_plane_tables: "weakref.WeakKeyDictionary[KVBuffers, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
 def _plane_table(buffers: KVBuffers) -> torch.Tensor:
-    cached = _plane_tables.get(id(buffers))
-    if cached is not None and cached[0] is buffers:
-        return cached[1]
-    addresses = [t.data_ptr() for planes in buffers.planes for t in planes]
-    table = word_offsets(addresses, _anchor(buffers.device))
-    _plane_tables[id(buffers)] = (buffers, table)
+    table = _plane_tables.get(buffers)
+    if table is None:
+        addresses = [t.data_ptr() for planes in buffers.planes for t in planes]
+        table = _plane_tables[buffers] = word_offsets(addresses, _anchor(buffers.device))
     return table
 
 
@@ -330,6 +330,7 @@ def _ensure_slab_table(plan: CopyPlan, anchor: torch.Tensor, stream: torch.cuda.
         plan.slab_table_ready.record(stream)
     elif plan.slab_table_ready is not None and stream != plan.slab_table_stream:
         stream.wait_event(plan.slab_table_ready)
+        plan.slab_table.record_stream(stream)
 
 
 def _use_triton(plan: CopyPlan, backend: Backend) -> bool:
@@ -366,7 +367,8 @@ def run_copy(
     stream: torch.cuda.Stream | None = None,
 ) -> None:
     """Enqueue the copy for ``layers`` (default: every layer the slabs hold) on ``stream``
-    (default: the current stream)."""
+    (default: the current stream). ``plan_copy`` queued the slots' conversion and the error
+    flag's zeroing on the stream that was current then: order ``stream`` after it."""
     first, count = plan.slab_first_layer, plan.slab_layer_count
     layers = range(first, first + count) if layers is None else layers
     _check_layers(layers, plan.buffers.num_layers)
@@ -390,6 +392,11 @@ def run_copy(
         ):
             plan.error_flag.tensor.fill_(1)
         return
+    device = plan.anchor.device
+    if device.type == "cuda" and torch.cuda.current_device() != device.index:
+        # Launches go to the current device's context: make it the buffers' device.
+        with torch.cuda.device(device):
+            return run_copy(plan, direction, layers=layers, max_programs=max_programs, backend=backend, stream=stream)
     _ensure_slab_table(plan, plan.anchor, stream)
     programs = max_programs or DEFAULT_MAX_PROGRAMS
     spec = plan.launch_spec(gather, programs)
@@ -426,7 +433,9 @@ def _launch_spec(plan: CopyPlan, gather: bool, programs: int) -> _LaunchSpec:
         constants=constants,
         tiles_per_layer=num_planes * triton.cdiv(plan.num_tokens, block_t),
         num_warps=num_warps,
-        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, num_warps),
+        # Triton types an int argument i32 or i64 by its value: part of what was compiled.
+        key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, num_warps,
+             max(plan.num_tokens, plan.buffers.num_slots, plan.slab_first_layer + plan.slab_layer_count) >= 2**31),
     )
 
 
@@ -455,7 +464,7 @@ def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: t
     fast = FAST_LAUNCH and _fast_launch_broken is None and spec.pointers[0].is_cuda
     compiled = _compiled.get(spec.key) if fast else None
     if compiled is not None:
-        handle = (stream if stream is not None else torch.cuda.current_stream()).cuda_stream
+        handle = (stream if stream is not None else torch.cuda.current_stream(spec.pointers[0].device)).cuda_stream
         try:
             compiled.run(grid, 1, 1, handle, compiled.function, compiled.packed_metadata, None, None, None,
                          *args, *spec.constants)

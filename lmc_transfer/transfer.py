@@ -150,6 +150,7 @@ class Transfer:
                layers: range | None = None, stream: torch.cuda.Stream | None = None) -> PreparedTransfer:
         """GPU slots -> host slabs (asynchronous on ``stream`` on CUDA)."""
         prepared = self.prepare(slots, slabs, token_offset=token_offset)
+        self._order_after_prepare(stream)
         self.run(prepared, Direction.GATHER, layers=layers, stream=stream)
         return prepared
 
@@ -157,6 +158,7 @@ class Transfer:
                 layers: range | None = None, stream: torch.cuda.Stream | None = None) -> PreparedTransfer:
         """Host slabs -> GPU slots (asynchronous on ``stream`` on CUDA)."""
         prepared = self.prepare(slots, slabs, token_offset=token_offset)
+        self._order_after_prepare(stream)
         self.run(prepared, Direction.SCATTER, layers=layers, stream=stream)
         return prepared
 
@@ -176,6 +178,12 @@ class Transfer:
                     run_copy(part, direction, layers=layers, max_programs=self.max_programs)
             self._run_staged(prepared, direction, layers, stream)
         return path
+
+    def _order_after_prepare(self, stream: torch.cuda.Stream | None) -> None:
+        """``prepare`` converts slots and zeroes the error flag on the current stream; a launch
+        on another stream must come after that."""
+        if stream is not None and self.buffers.device.type == "cuda":
+            stream.wait_stream(torch.cuda.current_stream(self.buffers.device))
 
     def synchronize(self) -> None:
         if self.buffers.device.type == "cuda":
