@@ -50,7 +50,6 @@ from lmc_transfer.pool import SlabPool
 from lmc_transfer.protocol import (
     MAX_HEADER_BYTES,
     ErrorCode,
-    MsgType,
     ProtocolError,
     Reply,
     Request,

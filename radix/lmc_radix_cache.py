@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -101,10 +101,6 @@ class LMCRadixCache(RadixCache):
         keep an existing store (e.g. the IP pool across a tree rebuild); by default
         the mode's store is created here and closed by ``release_host_resources``."""
         super().__init__(allocator, page_size=page_size, disable=disable)
-        if isinstance(config, (str, os.PathLike)):
-            config = load_config(config)
-        if not isinstance(config, LMCTransferConfig):
-            raise TypeError(f"config must be a path or an LMCTransferConfig, got {type(config).__name__}")
         buffers = kv_buffers if kv_buffers is not None else allocator.get_kvcache()
         if not isinstance(buffers, KVBuffers):
             raise TypeError(
@@ -112,6 +108,28 @@ class LMCRadixCache(RadixCache):
             )
         if buffers.num_slots < allocator.size:
             raise ValueError(f"kv_buffers must hold the allocator's {allocator.size} slots, got {buffers.num_slots}")
+        self._init_host_cache(config, buffers, allocator, model_id=model_id, tp_rank=tp_rank, tp_size=tp_size,
+                              cache_salt=cache_salt, tp_min_reduce=tp_min_reduce, store=store)
+
+    def _init_host_cache(
+        self,
+        config: LMCTransferConfig | str | os.PathLike[str],
+        buffers: KVBuffers,
+        allocator: Any,
+        *,
+        model_id: str,
+        tp_rank: int,
+        tp_size: int,
+        cache_salt: str | None,
+        tp_min_reduce: TpMinReduce | None,
+        store: CacheStore | None,
+    ) -> None:
+        """Everything the host cache adds to a radix tree; the SGLang plugin's cache (a
+        subclass of SGLang's own RadixCache) runs this same method."""
+        if isinstance(config, (str, os.PathLike)):
+            config = load_config(config)
+        if not isinstance(config, LMCTransferConfig):
+            raise TypeError(f"config must be a path or an LMCTransferConfig, got {type(config).__name__}")
         self.config = config
         self.kv_buffers = buffers
         self._mode = LMCacheMode.from_config(config)
@@ -122,14 +140,14 @@ class LMCRadixCache(RadixCache):
             raise ValueError(f"store must use chunk_size={config.chunk_size} like the config, got {store.chunk_size}")
         self.store = store
         salt = KeySalt(model_id, buffers.geometry, tp_rank=tp_rank, tp_size=tp_size, cache_salt=cache_salt)
-        self.policy = LMCPolicy(store, salt, allocator, page_size=page_size, tp_min_reduce=tp_min_reduce)
+        self.policy = LMCPolicy(store, salt, allocator, page_size=self.page_size, tp_min_reduce=tp_min_reduce)
         self._on_cuda = buffers.device.type == "cuda"
         self._store_transfer = self._new_transfer()
         self._store_stream = torch.cuda.Stream(device=buffers.device) if self._on_cuda else None
         self.layer_transfer_counter = LayerTransferCounter(self._new_transfer())
         self._in_flight_stores: list[tuple[TreeNode, LayerwiseStore]] = []
         self._mp_load_back_markers: dict[str, _LoadBackMarker] = {}
-        self._torn_nodes: list[TreeNode] = []
+        self._torn_nodes: list[TreeNode] = []  # torn IP loads, dropped once unlocked
         self.load_back_stats = LoadBackStats()
 
     @property

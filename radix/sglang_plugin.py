@@ -41,13 +41,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lmc_transfer.config import LMCTransferConfig, load_config
+from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.integrations.sglang_import import import_mem_cache
 from lmc_transfer.kernels import KVBuffers
-from lmc_transfer.keys import KeySalt
-from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore
-from lmc_transfer.radix.lmc_policy import LMCPolicy, TpMinReduce
-from lmc_transfer.radix.lmc_radix_cache import LMCacheMode, LMCRadixCache, LoadBackStats, _LoadBackMarker
+from lmc_transfer.radix.lmc_policy import TpMinReduce
+from lmc_transfer.radix.lmc_radix_cache import LMCacheMode, LMCRadixCache, _LoadBackMarker
 from lmc_transfer.store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +96,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     in_flight_stores = LMCRadixCache.in_flight_stores
     release_request = LMCRadixCache.release_request
     release_host_resources = LMCRadixCache.release_host_resources
+    _init_host_cache = LMCRadixCache._init_host_cache
 
     def __init__(
         self,
@@ -117,32 +116,10 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         if params.is_eagle:
             raise ValueError("params.is_eagle: EAGLE bigram keys are not supported by the lmc_transfer backend, got True")
         super().__init__(params)
-        if isinstance(config, (str, os.PathLike)):
-            config = load_config(config)
-        if not isinstance(config, LMCTransferConfig):
-            raise TypeError(f"config must be a path or an LMCTransferConfig, got {type(config).__name__}")
-        buffers = kv_buffers_from_pool(self.token_to_kv_pool_allocator.get_kvcache())
-        self.config = config
-        self.kv_buffers = buffers
-        self._mode = LMCacheMode.from_config(config)
-        self._owns_store = store is None
-        if store is None:
-            store = self._open_store(config, buffers)
-        elif store.chunk_size != config.chunk_size:
-            raise ValueError(f"store must use chunk_size={config.chunk_size} like the config, got {store.chunk_size}")
-        self.store = store
-        salt = KeySalt(model_id, buffers.geometry, tp_rank=tp_rank, tp_size=tp_size)
-        self.policy = LMCPolicy(
-            store, salt, self.token_to_kv_pool_allocator, page_size=self.page_size, tp_min_reduce=tp_min_reduce
-        )
-        self._on_cuda = buffers.device.type == "cuda"
-        self._store_transfer = self._new_transfer()
-        self._store_stream = torch.cuda.Stream(device=buffers.device) if self._on_cuda else None
-        self.layer_transfer_counter = LayerTransferCounter(self._new_transfer())
-        self._in_flight_stores: list[tuple[Any, LayerwiseStore]] = []
-        self._mp_load_back_markers: dict[str, _LoadBackMarker] = {}
-        self._torn_nodes: list[Any] = []  # torn IP loads, dropped from the tree once unlocked
-        self.load_back_stats = LoadBackStats()
+        allocator = self.token_to_kv_pool_allocator
+        self._init_host_cache(config, kv_buffers_from_pool(allocator.get_kvcache()), allocator, model_id=model_id,
+                              tp_rank=tp_rank, tp_size=tp_size, cache_salt=None, tp_min_reduce=tp_min_reduce,
+                              store=store)
 
     @property
     def mode(self) -> LMCacheMode:

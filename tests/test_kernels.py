@@ -16,8 +16,6 @@ from lmc_transfer.kernels import (
     LayoutKind,
     SlotRangeError,
     gather,
-    plan_copy,
-    run_copy,
     scatter,
 )
 from lmc_transfer.transfer import AutoRule, Transfer, TransferPath
