@@ -189,6 +189,9 @@ class IPStore(CacheStore):
             self._stats.stored_bytes += committed * self.pool.slab_bytes
         return committed
 
+    def clock(self) -> float:
+        return self._clock()
+
     def slab_views(self, slab_ids: Sequence[int]) -> list[torch.Tensor]:
         pool = self.pool
         return [pool.slab(s) for s in slab_ids]

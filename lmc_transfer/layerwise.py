@@ -149,14 +149,19 @@ class LayerwiseStore:
         slots: torch.Tensor,
         *,
         stream: torch.cuda.Stream | None = None,
+        min_time_left_s: float = 1.0,
     ) -> None:
         if not isinstance(transfer, Transfer):
             raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
         if store.chunk_size != transfer.chunk_size:
             raise ValueError(f"store: expected chunk_size {transfer.chunk_size} like the transfer, got {store.chunk_size}")
+        if not min_time_left_s >= 0:
+            raise ValueError(f"min_time_left_s: expected a number >= 0, got {min_time_left_s!r}")
         self.transfer = transfer
         self.store = store
         self.reservation = reservation
+        self.min_time_left_s = min_time_left_s
+        self._expired = False
         self.num_layers = transfer.buffers.num_layers
         self._device = transfer.buffers.device
         on_cuda = self._device.type == "cuda"
@@ -176,7 +181,11 @@ class LayerwiseStore:
             raise RuntimeError("after_layer: this store already finished or aborted")
         if layer in self._gathered:
             raise ValueError(f"layer: {layer} was already stored")
-        if self._prepared is not None:
+        if self._prepared is not None and self.store.clock() > self.reservation.deadline - self.min_time_left_s:
+            # Past its deadline the reservation's slabs may go to another writer; a gather still
+            # landing then would tear their bytes under a valid generation. Drop the store.
+            self._expired = True
+        if self._prepared is not None and not self._expired:
             layers = range(layer, layer + 1)
             if self._stream is None:
                 self.transfer.run(self._prepared, Direction.GATHER, layers=layers)
@@ -206,6 +215,9 @@ class LayerwiseStore:
         self._wait()
         self._closed = True
         if self._prepared is None:
+            return 0
+        if self._expired:
+            self.store.abort(self.reservation)
             return 0
         try:
             check_saved_slots(self._prepared.plan.slots, self.transfer.buffers.num_slots)

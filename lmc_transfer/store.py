@@ -16,6 +16,7 @@ reserved chunks into them and commits them once the copy has finished.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -173,6 +174,11 @@ class CacheStore(abc.ABC):
     @abc.abstractmethod
     def clear(self) -> None:
         """Drop every unpinned chunk."""
+
+    def clock(self) -> float:
+        """The time base of lease and reservation deadlines (``time.monotonic`` unless a
+        store is built with another one, e.g. a test's fake clock)."""
+        return time.monotonic()
 
     def close(self) -> None:
         """Release resources (sockets, mappings); the store is unusable afterwards."""

@@ -16,7 +16,7 @@ from lmc_transfer.store import Reservation
 from lmc_transfer.transfer import Transfer
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, make_buffers
-from .test_ip_store import CS, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
+from .test_ip_store import CS, FakeClock, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
 
 LAYERS = 3
 
@@ -274,5 +274,21 @@ def test_a_layer_whose_gather_failed_is_never_committed() -> None:
     saver.after_layer(2)
     with pytest.raises(ValueError, match=r"layers \[1\] were not"):
         saver.finish()
+    assert store.lookup(keys).num_chunks == 0
+    assert store.pool.stats().reservations == 0
+
+
+def test_a_store_that_outlives_its_reservation_is_dropped_not_committed() -> None:
+    clock = FakeClock()
+    store = make_store(num_layers=LAYERS, clock=clock)
+    keys = keys_for(9, 2)
+    res = store.reserve(keys)
+    saver = LayerwiseStore(new_transfer(store), store, res, slot_range(0, 8), min_time_left_s=1.0)
+    saver.after_layer(0)
+    clock.now = res.deadline - 0.5  # less than min_time_left_s left: no more gathers into these slabs
+    saver.after_layer(1)
+    saver.after_layer(2)
+    assert saver.done()
+    assert saver.finish() == 0
     assert store.lookup(keys).num_chunks == 0
     assert store.pool.stats().reservations == 0
