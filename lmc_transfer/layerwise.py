@@ -160,7 +160,8 @@ class LayerwiseStore:
         self.transfer = transfer
         self.store = store
         self.reservation = reservation
-        self.min_time_left_s = min_time_left_s
+        # The margin shrinks with a short TTL so such a store can still run (a quarter of it).
+        self._margin = min(min_time_left_s, max(0.0, reservation.deadline - store.clock()) / 4)
         self._expired = False
         self.num_layers = transfer.buffers.num_layers
         self._device = transfer.buffers.device
@@ -181,7 +182,7 @@ class LayerwiseStore:
             raise RuntimeError("after_layer: this store already finished or aborted")
         if layer in self._gathered:
             raise ValueError(f"layer: {layer} was already stored")
-        if self._prepared is not None and self.store.clock() > self.reservation.deadline - self.min_time_left_s:
+        if self._prepared is not None and self.store.clock() > self.reservation.deadline - self._margin:
             # Past its deadline the reservation's slabs may go to another writer; a gather still
             # landing then would tear their bytes under a valid generation. Drop the store.
             self._expired = True
