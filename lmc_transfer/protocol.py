@@ -140,6 +140,16 @@ def _check_id(header: dict[str, Any]) -> int:
     return request_id
 
 
+def _parse_header(frame: bytes, what: str, fields: set[str]) -> tuple[dict[str, Any], int]:
+    """The checks every header gets: JSON object, known fields only, version, request id."""
+    header = _loads(frame, what)
+    extra = set(header) - fields
+    if extra:
+        raise ProtocolError(f"{what} header has unknown fields {sorted(extra)}")
+    _check_version(header)
+    return header, _check_id(header)
+
+
 def is_int(value: Any) -> bool:
     """JSON integers only: ``True`` is not 1 here."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -192,12 +202,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         raise ProtocolError("empty message: expected a header frame")
     if len(frames) > 2:
         raise ProtocolError(f"message has {len(frames)} frames, expected a header and at most one key frame")
-    header = _loads(frames[0], "request")
-    extra = set(header) - _REQUEST_FIELDS
-    if extra:
-        raise ProtocolError(f"request header has unknown fields {sorted(extra)}")
-    _check_version(header)
-    request_id = _check_id(header)
+    header, request_id = _parse_header(frames[0], "request", _REQUEST_FIELDS)
     raw_type = header.get("type")
     try:
         msg_type = MsgType(raw_type)
@@ -244,12 +249,7 @@ def encode_reply(reply: Reply) -> list[bytes]:
 def decode_reply(frames: Sequence[bytes]) -> Reply:
     if len(frames) not in (1, 2):
         raise ProtocolError(f"a reply is one header frame and at most one array frame, got {len(frames)} frames")
-    header = _loads(frames[0], "reply")
-    extra = set(header) - _REPLY_FIELDS
-    if extra:
-        raise ProtocolError(f"reply header has unknown fields {sorted(extra)}")
-    _check_version(header)
-    request_id = _check_id(header)
+    header, request_id = _parse_header(frames[0], "reply", _REPLY_FIELDS)
     ok = header.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError(f"ok must be a boolean, got {ok!r}")
