@@ -207,19 +207,24 @@ class LMCRadixCache(RadixCache):
         return result.indices, result.last_node
 
     def _ip_match_prefix(self, key: list[int], base: MatchResult) -> MatchResult:
-        self.finish_loads()  # the counter drives one load at a time
-        value_numel = int(base.device_indices.numel())
-        if value_numel == len(key):
-            return base
-        hit = self.policy.lookup(key, value_numel)
-        if hit is None:
-            return base
-        result = self._timed_load_back(hit, base.last_device_node, key, loader=self._layerwise_loader)
-        if not result.num_tokens:
+        result = self._ip_load_back(key, int(base.device_indices.numel()), base.last_device_node)
+        if result is None:
             return base
         node = result.last_node
         indices = torch.cat([base.device_indices, result.indices])
         return MatchResult(device_indices=indices, last_device_node=node, last_host_node=node)
+
+    def _ip_load_back(self, key: Sequence[int], device_len: int, last_node: Any) -> LoadBack | None:
+        """IP mode: look up the chunks past the device prefix and load them layerwise below
+        ``last_node``; None when nothing was loaded."""
+        self.finish_loads()  # the counter drives one load at a time
+        if device_len == len(key):
+            return None
+        hit = self.policy.lookup(key, device_len)
+        if hit is None:
+            return None
+        result = self._timed_load_back(hit, last_node, key, loader=self._layerwise_loader)
+        return result if result.num_tokens else None
 
     def _timed_load_back(self, hit: HostHit, last_node: TreeNode, key: Sequence[int], **kwargs) -> LoadBack:
         start = time.perf_counter()

@@ -88,6 +88,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     _drop_torn = LMCRadixCache._drop_torn
     _drop_torn_nodes = LMCRadixCache._drop_torn_nodes
     _timed_load_back = LMCRadixCache._timed_load_back
+    _ip_load_back = LMCRadixCache._ip_load_back
     _reap_stores = LMCRadixCache._reap_stores
     _settle_all = LMCRadixCache._settle_all
     _new_transfer = LMCRadixCache._new_transfer
@@ -177,15 +178,9 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         return result.num_tokens, result.last_node
 
     def _ip_match_prefix(self, tokens: list[int], base: Any) -> Any:
-        self.finish_loads()  # the counter drives one load at a time
         device_len = base.device_prefix_len
-        if device_len == len(tokens):
-            return base
-        hit = self.policy.lookup(tokens, device_len)
-        if hit is None:
-            return base
-        result = self._timed_load_back(hit, base.last_device_node, tokens, loader=self._layerwise_loader)
-        if not result.num_tokens:
+        result = self._ip_load_back(tokens, device_len, base.last_device_node)
+        if result is None:
             return base
         node = result.last_node
         return base._replace(
