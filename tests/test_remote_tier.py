@@ -31,19 +31,39 @@ TIMEOUT_S = 0.2
 SLACK_S = 0.5
 
 
-def _free_port() -> int:
+# A cluster node also listens on its port + 10000 (the cluster bus), so that port must exist and be free too.
+CLUSTER_BUS_OFFSET = 10000
+
+
+def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(bus_offset: int | None = None) -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if bus_offset is None:
+            return port
+        if port + bus_offset <= 65535 and _port_is_free(port + bus_offset):
+            return port
+    raise RuntimeError(f"no free loopback port with a free port {bus_offset} above it after 200 tries")
 
 
 class RedisServer:
     """One redis-server process on loopback; restartable on the same port."""
 
-    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = (), bus_offset: int | None = None) -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = _free_port(bus_offset)
         self.extra_args = extra_args
+        self.log_path = workdir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -53,7 +73,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes", *self.extra_args],
+             "--dir", str(self.workdir), "--protected-mode", "yes", "--logfile", str(self.log_path), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -63,7 +83,9 @@ class RedisServer:
                     return
             except redis.exceptions.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                    log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else "(no log)"
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not start; its log ends:\n{log}")
                 time.sleep(0.05)
 
     def client(self) -> "redis.Redis":
@@ -367,7 +389,11 @@ def test_server_down_at_start_degrades_then_connects(tmp_path: Path, tiers: list
 
 
 def test_cluster_url(tmp_path: Path, tiers: list[RemoteTier]) -> None:
-    srv = RedisServer(tmp_path, ("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")))
+    srv = RedisServer(
+        tmp_path,
+        ("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")),
+        bus_offset=CLUSTER_BUS_OFFSET,
+    )
     srv.start()
     try:
         raw = srv.client()
