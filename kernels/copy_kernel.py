@@ -51,6 +51,7 @@ def _kv_copy_kernel(
     slots_ptr,  # *int64 [num_tokens]
     slab_off_ptr,  # *int64 [num_slabs]
     error_ptr,  # *int32 [1]: set to 1 when a slot is past the buffer
+    layer_done_ptr,  # *int32 [num_layers]: with SIGNAL_LAYERS, +1 per program once its share of a layer landed
     num_tokens,
     token_offset,
     chunk_size,
@@ -62,6 +63,7 @@ def _kv_copy_kernel(
     row_words_1,
     NUM_PLANES: tl.constexpr,
     GATHER: tl.constexpr,
+    SIGNAL_LAYERS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -72,11 +74,17 @@ def _kv_copy_kernel(
     layer_words = chunk_size * (row_words_0 + row_words_1)
     o_t = tl.arange(0, BLOCK_T).to(tl.int64)
     o_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), BLOCK_W), BLOCK_W).to(tl.int64)
+    # Tiles run layer-major, so a program that reaches a new layer is done with the previous one.
+    i_prev_layer = layer_start - 1 + i_prog * 0
     for i_tile in range(i_prog, n_tiles, n_prog):
         i_tblock = i_tile % n_tblocks
         i_lp = i_tile // n_tblocks
         i_plane = i_lp % NUM_PLANES
         i_layer = layer_start + i_lp // NUM_PLANES
+        if SIGNAL_LAYERS:
+            if (i_layer != i_prev_layer) & (i_prev_layer >= layer_start):
+                _signal_layer(layer_done_ptr + (i_prev_layer - layer_start), GATHER)
+            i_prev_layer = i_layer
         row_words = tl.where(i_plane == 0, row_words_0, row_words_1).to(tl.int64)
         plane_in_layer = tl.where(i_plane == 0, 0, chunk_size * row_words_0).to(tl.int64)
 
@@ -108,6 +116,23 @@ def _kv_copy_kernel(
                 tl.store(p_slab, tl.load(p_kv, mask=m), mask=m)
             else:
                 tl.store(p_kv, tl.load(p_slab, mask=m), mask=m)
+    if SIGNAL_LAYERS:
+        if i_prev_layer >= layer_start:
+            _signal_layer(layer_done_ptr + (i_prev_layer - layer_start), GATHER)
+
+
+@triton.jit
+def _signal_layer(p_done, GATHER: tl.constexpr):
+    """Count this program's share of a layer as landed, after every thread's stores.
+
+    The barrier orders the whole program's stores before the release; a gather's stores go
+    to host memory, so its release is system-wide, a scatter's (into HBM) device-wide.
+    """
+    tl.debug_barrier()
+    if GATHER:
+        tl.atomic_add(p_done, 1, sem="release", scope="sys")
+    else:
+        tl.atomic_add(p_done, 1, sem="release", scope="gpu")
 
 
 class Direction(str, enum.Enum):
@@ -196,16 +221,16 @@ class CopyPlan:
     slab_table: torch.Tensor | None = None
     slab_table_stream: torch.cuda.Stream | None = None
     slab_table_ready: torch.cuda.Event | None = None
-    _specs: dict[tuple[bool, int], "_LaunchSpec"] = field(default_factory=dict)
+    _specs: dict[tuple[bool, int, bool], "_LaunchSpec"] = field(default_factory=dict)
 
     @property
     def anchor(self) -> torch.Tensor:
         return _anchor(self.buffers.device)
 
-    def launch_spec(self, gather: bool, programs: int) -> "_LaunchSpec":
-        spec = self._specs.get((gather, programs))
+    def launch_spec(self, gather: bool, programs: int, signal: bool) -> "_LaunchSpec":
+        spec = self._specs.get((gather, programs, signal))
         if spec is None:
-            spec = self._specs[gather, programs] = _launch_spec(self, gather, programs)
+            spec = self._specs[gather, programs, signal] = _launch_spec(self, gather, programs, signal)
         return spec
 
     @property
@@ -357,6 +382,57 @@ def _tile_shape(row_words: Sequence[int], tile_words: int) -> tuple[int, int]:
     return max(1, tile_words // block_w), block_w
 
 
+@dataclass(frozen=True)
+class _Tiling:
+    row_words: tuple[int, ...]
+    block_t: int
+    block_w: int
+    tiles_per_layer: int
+    num_warps: int
+
+
+def _tiling(plan: CopyPlan, programs: int) -> _Tiling:
+    row_words = tuple(b // WORD_BYTES for b in plan.buffers.geometry.plane_row_bytes)
+    tile_words = _tile_words(programs)
+    block_t, block_w = _tile_shape(row_words, tile_words)
+    return _Tiling(
+        row_words=row_words,
+        block_t=block_t,
+        block_w=block_w,
+        tiles_per_layer=len(row_words) * triton.cdiv(plan.num_tokens, block_t),
+        num_warps=4 if tile_words <= _MIN_TILE_WORDS else 8,
+    )
+
+
+def layer_signal_count(plan: CopyPlan, layers: range, max_programs: int | None = None) -> int:
+    """What each layer's counter in ``run_copy(..., layer_done=...)`` grows by once the layer
+    has landed: one per program that copied part of it (0 for a plan without tokens)."""
+    if plan.num_tokens == 0:
+        return 0
+    tiles = _tiling(plan, max_programs or DEFAULT_MAX_PROGRAMS).tiles_per_layer
+    # The grid is min(len(layers) * tiles, programs) and tiles go round-robin, so the programs
+    # touching one layer's run of `tiles` consecutive tiles are min(tiles, grid) = min(tiles, programs).
+    return min(tiles, max_programs or DEFAULT_MAX_PROGRAMS)
+
+
+def _check_layer_done(layer_done: torch.Tensor, plan: CopyPlan, layers: range) -> None:
+    if not isinstance(layer_done, torch.Tensor):
+        raise TypeError(f"layer_done: expected a torch.Tensor, got {type(layer_done).__name__}")
+    if layer_done.dtype != torch.int32 or layer_done.dim() != 1 or not layer_done.is_contiguous():
+        raise ValueError(
+            f"layer_done: expected a contiguous 1-D torch.int32 tensor, got dtype {layer_done.dtype}, "
+            f"shape {tuple(layer_done.shape)}, strides {layer_done.stride()}"
+        )
+    if layer_done.numel() < len(layers):
+        raise ValueError(f"layer_done: expected at least {len(layers)} counters (one per layer of {layers!r}), "
+                         f"got {layer_done.numel()}")
+    if layer_done.device != plan.buffers.device:
+        raise ValueError(f"layer_done: expected device {plan.buffers.device} like the KV buffers, got {layer_done.device}")
+    if layer_done.data_ptr() % ACCESS_BYTES:
+        raise ValueError(f"layer_done: base address must be {ACCESS_BYTES}-byte aligned, got address % {ACCESS_BYTES} = "
+                         f"{layer_done.data_ptr() % ACCESS_BYTES}")
+
+
 def run_copy(
     plan: CopyPlan,
     direction: Direction,
@@ -365,10 +441,17 @@ def run_copy(
     max_programs: int | None = None,
     backend: Backend = Backend.AUTO,
     stream: torch.cuda.Stream | None = None,
+    layer_done: torch.Tensor | None = None,
 ) -> None:
     """Enqueue the copy for ``layers`` (default: every layer the slabs hold) on ``stream``
     (default: the current stream). ``plan_copy`` queued the slots' conversion and the error
-    flag's zeroing on the stream that was current then: order ``stream`` after it."""
+    flag's zeroing on the stream that was current then: order ``stream`` after it.
+
+    ``layer_done`` (int32, one counter per layer of ``layers``): one launch copies every layer in
+    order and counter ``i`` grows by ``layer_signal_count(plan, layers, max_programs)`` once layer
+    ``layers[i]`` has landed, with release ordering (a scatter's rows are visible to any kernel
+    ordered after the count, e.g. by ``cuStreamWaitValue32``; a gather's to the host). Counters
+    only grow: give each launch zeroed ones, or wait for the running total."""
     first, count = plan.slab_first_layer, plan.slab_layer_count
     layers = range(first, first + count) if layers is None else layers
     _check_layers(layers, plan.buffers.num_layers)
@@ -376,6 +459,8 @@ def run_copy(
         raise ValueError(f"layers: the slabs hold layers {range(first, first + count)!r}, got {layers!r}")
     if max_programs is not None and (not isinstance(max_programs, int) or max_programs <= 0):
         raise ValueError(f"max_programs: expected a positive int or None, got {max_programs!r}")
+    if layer_done is not None:
+        _check_layer_done(layer_done, plan, layers)
     if plan.num_tokens == 0:
         return
     gather = Direction(direction) is Direction.GATHER
@@ -391,24 +476,27 @@ def run_copy(
             gather=gather,
         ):
             plan.error_flag.tensor.fill_(1)
+        if layer_done is not None:
+            layer_done[: len(layers)] += layer_signal_count(plan, layers, max_programs)
         return
     device = plan.anchor.device
     if device.type == "cuda" and torch.cuda.current_device() != device.index:
         # Launches go to the current device's context: make it the buffers' device.
         with torch.cuda.device(device):
-            return run_copy(plan, direction, layers=layers, max_programs=max_programs, backend=backend, stream=stream)
+            return run_copy(plan, direction, layers=layers, max_programs=max_programs, backend=backend, stream=stream,
+                            layer_done=layer_done)
     _ensure_slab_table(plan, plan.anchor, stream)
     programs = max_programs or DEFAULT_MAX_PROGRAMS
-    spec = plan.launch_spec(gather, programs)
+    spec = plan.launch_spec(gather, programs, layer_done is not None)
     grid = min(len(layers) * spec.tiles_per_layer, programs)
-    _launch(grid, spec, (layers.start, len(layers)), stream)
+    _launch(grid, spec, (layers.start, len(layers)), stream, layer_done)
 
 
 @dataclass(frozen=True)
 class _LaunchSpec:
     """Everything about a plan's launch that does not change from layer to layer."""
 
-    pointers: tuple[torch.Tensor, ...]
+    pointers: tuple[torch.Tensor, ...]  # all but layer_done, which changes from launch to launch
     head_integers: tuple[int, ...]  # before (layer_start, num_layers)
     tail_integers: tuple[int, ...]  # after them
     constants: tuple[int | bool, ...]
@@ -417,29 +505,29 @@ class _LaunchSpec:
     key: tuple
 
 
-def _launch_spec(plan: CopyPlan, gather: bool, programs: int) -> _LaunchSpec:
-    row_words = [b // WORD_BYTES for b in plan.buffers.geometry.plane_row_bytes]
+def _launch_spec(plan: CopyPlan, gather: bool, programs: int, signal: bool) -> _LaunchSpec:
+    tiling = _tiling(plan, programs)
+    row_words = tiling.row_words
     num_planes = len(row_words)
-    tile_words = _tile_words(programs)
-    block_t, block_w = _tile_shape(row_words, tile_words)
     pointers = (plan.anchor, _plane_table(plan.buffers), plan.slots, plan.slab_table, plan.error_flag.tensor)
-    constants = (num_planes, gather, block_t, block_w)
-    num_warps = 4 if tile_words <= _MIN_TILE_WORDS else 8
+    constants = (num_planes, gather, signal, tiling.block_t, tiling.block_w)
+    num_warps = tiling.num_warps
     return _LaunchSpec(
         pointers=pointers,
         head_integers=(plan.num_tokens, plan.token_offset, plan.chunk_size),
         tail_integers=(plan.slab_first_layer, plan.buffers.num_slots, row_words[0],
                        row_words[1] if num_planes > 1 else 0),
         constants=constants,
-        tiles_per_layer=num_planes * triton.cdiv(plan.num_tokens, block_t),
+        tiles_per_layer=tiling.tiles_per_layer,
         num_warps=num_warps,
-        # Triton types an int argument i32 or i64 by its value: part of what was compiled.
+        # Triton types an int argument i32 or i64 by its value: part of what was compiled. A
+        # layer_done tensor is always 16-byte aligned (checked), like the error flag it replaces.
         key=(plan.anchor.device, tuple(p.data_ptr() % 16 == 0 for p in pointers), constants, num_warps,
              max(plan.num_tokens, plan.buffers.num_slots, plan.slab_first_layer + plan.slab_layer_count) >= 2**31),
     )
 
 
-_CONSTEXPR_NAMES = ("NUM_PLANES", "GATHER", "BLOCK_T", "BLOCK_W")
+_CONSTEXPR_NAMES = ("NUM_PLANES", "GATHER", "SIGNAL_LAYERS", "BLOCK_T", "BLOCK_W")
 _compiled: dict[tuple, object] = {}
 
 
@@ -449,7 +537,8 @@ FAST_LAUNCH = os.environ.get("LMC_TRANSFER_FAST_LAUNCH", "1") != "0"
 _fast_launch_broken: str | None = None
 
 
-def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: torch.cuda.Stream | None) -> None:
+def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: torch.cuda.Stream | None,
+            layer_done: torch.Tensor | None) -> None:
     """Launch, calling the compiled kernel's launcher directly once it exists.
 
     Triton's ``kernel[grid](...)`` re-binds and re-specialises every argument in Python
@@ -460,7 +549,9 @@ def _launch(grid: int, spec: _LaunchSpec, layer_args: tuple[int, int], stream: t
     hooks (profilers) are bypassed on this path.
     """
     global _fast_launch_broken
-    args = (*spec.pointers, *spec.head_integers, *layer_args, *spec.tail_integers)
+    # Without signals the kernel never touches layer_done: pass the (aligned) error flag in its place.
+    done = layer_done if layer_done is not None else spec.pointers[-1]
+    args = (*spec.pointers, done, *spec.head_integers, *layer_args, *spec.tail_integers)
     fast = FAST_LAUNCH and _fast_launch_broken is None and spec.pointers[0].is_cuda
     compiled = _compiled.get(spec.key) if fast else None
     if compiled is not None:

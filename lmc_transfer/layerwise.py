@@ -1,9 +1,13 @@
 """Layerwise transfers that overlap the forward pass without blocking the CPU.
 
-Loads: ``LayerTransferCounter.start_load`` queues one scatter per layer on a load
-stream and records one CUDA event after each; before layer ``l`` reads its KV,
-``wait_until(l)`` makes the compute stream wait on event ``l`` (a GPU-side wait).
-``finish()`` waits for the last layer and re-checks the slab generations.
+Loads: ``LayerTransferCounter.start_load`` queues the load on a load stream as one
+zero-copy launch that counts every layer into a device counter as it lands; before
+layer ``l`` reads its KV, ``wait_until(l)`` makes the compute stream wait on that
+counter (``cuStreamWaitValue32``: a GPU-side wait, no event and no launch per layer).
+Where the driver refuses such waits, or the transfer takes the staged path, it queues
+one scatter per layer and records one CUDA event after each, and ``wait_until(l)``
+waits on event ``l``. ``finish()`` waits for the last layer and re-checks the slab
+generations.
 
 Stores: ``LayerwiseStore.after_layer(l)`` records an event on the compute stream
 once layer ``l`` has written its KV and queues that layer's gather on a store
@@ -15,11 +19,16 @@ behave the same. A ``Transfer`` is not thread-safe: give each scheduler its own.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lmc_transfer.kernels import Direction, SlotRangeError
+from lmc_transfer.kernels.stream_wait import StreamWaitError, stream_wait_supported, wait_counter
 from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, check_loaded_slots, check_saved_slots
-from lmc_transfer.transfer import PreparedTransfer, Transfer
+from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
+
+logger = logging.getLogger(__name__)
 
 
 def _check_slots(slots: torch.Tensor, needed: int, what: str) -> None:
@@ -57,7 +66,9 @@ def _check_layer(layer: int, num_layers: int) -> None:
 class LayerTransferCounter:
     """Drives one layerwise load at a time (see module docstring)."""
 
-    def __init__(self, transfer: Transfer, *, stream: torch.cuda.Stream | None = None) -> None:
+    def __init__(self, transfer: Transfer, *, stream: torch.cuda.Stream | None = None,
+                 layer_signals: bool = True) -> None:
+        """``layer_signals=False`` always launches per layer with an event each (the fallback)."""
         if not isinstance(transfer, Transfer):
             raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
         self.transfer = transfer
@@ -71,6 +82,15 @@ class LayerTransferCounter:
         self._prepared: PreparedTransfer | None = None
         self._events: list[torch.cuda.Event] = []
         self._waited = -1
+        self._signals = layer_signals and on_cuda and stream_wait_supported(self._device)
+        self._layer_done: torch.Tensor | None = None  # per-layer counters of the signalled launch
+        self._layer_target = 0
+        self._waiting_streams: set[int] = set()
+
+    @property
+    def uses_layer_signals(self) -> bool:
+        """Whether loads go as one launch with per-layer counters (else one launch per layer)."""
+        return self._signals
 
     @property
     def in_flight(self) -> bool:
@@ -98,6 +118,9 @@ class LayerTransferCounter:
                 return
             # After prepare, whose index tables are queued on the caller's stream.
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            if self._signals and self.transfer.path_for(prepared, Direction.SCATTER, range(1)) is TransferPath.ZERO_COPY:
+                self._start_signalled(prepared)
+                return
             for layer in range(self.num_layers):
                 self.transfer.run(prepared, Direction.SCATTER, layers=range(layer, layer + 1), stream=self._stream)
                 event = torch.cuda.Event()
@@ -107,8 +130,22 @@ class LayerTransferCounter:
             # Nothing half-queued may outlive the failure: the caller frees the slots next.
             if self._stream is not None:
                 self._stream.synchronize()
-            self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
+            self._reset()
             raise
+
+    def _start_signalled(self, prepared: PreparedTransfer) -> None:
+        # Fresh counters per load: a wait still queued for an earlier load never sees these.
+        with torch.cuda.stream(self._stream):
+            done = torch.zeros(self.num_layers, dtype=torch.int32, device=self._device)
+        self._layer_target = self.transfer.run_signalled(prepared, Direction.SCATTER, done, stream=self._stream)
+        self._layer_done = done
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        self._events.append(event)
+
+    def _reset(self) -> None:
+        self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
+        self._layer_done, self._waiting_streams = None, set()
 
     def wait_until(self, layer: int) -> None:
         """Make the current stream wait until layer ``layer`` has arrived; free when repeated,
@@ -116,16 +153,35 @@ class LayerTransferCounter:
         _check_layer(layer, self.num_layers)
         if layer <= self._waited or not self._events:
             return
-        # Events are recorded in layer order on one stream, so one wait covers all earlier layers.
-        torch.cuda.current_stream(self._device).wait_event(self._events[layer])
+        current = torch.cuda.current_stream(self._device)
+        if self._layer_done is not None:
+            self._wait_signalled(current, layer)
+        else:
+            # Events are recorded in layer order on one stream, so one wait covers all earlier layers.
+            current.wait_event(self._events[layer])
         self._waited = layer
+
+    def _wait_signalled(self, current: torch.cuda.Stream, layer: int) -> None:
+        done = self._layer_done
+        assert done is not None
+        if current.stream_id not in self._waiting_streams:
+            done.record_stream(current)  # queued waits read the counters after this object is gone
+            self._waiting_streams.add(current.stream_id)
+        try:
+            # Different programs carry different layers: each layer up to `layer` needs its own wait.
+            for i in range(self._waited + 1, layer + 1):
+                wait_counter(current, done, i, self._layer_target)
+        except StreamWaitError as exc:
+            logger.warning("layer waits fell back to waiting for the whole load: %s", exc)
+            self._signals = False
+            current.wait_event(self._events[-1])
 
     def finish(self) -> LoadResult:
         """Wait for the last layer, then report the prefix of chunks whose slabs stayed intact."""
         if self._lease is None or self._store is None:
             raise RuntimeError("finish: no load in flight; call start_load() first")
         store, lease, prepared, events = self._store, self._lease, self._prepared, self._events
-        self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
+        self._reset()
         if events:
             torch.cuda.current_stream(self._device).wait_event(events[-1])
             events[-1].synchronize()

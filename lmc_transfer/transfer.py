@@ -29,7 +29,15 @@ from typing import Sequence
 
 import torch
 
-from lmc_transfer.kernels import CopyPlan, Direction, KVBuffers, plan_copy, run_copy, word_offsets
+from lmc_transfer.kernels import (
+    CopyPlan,
+    Direction,
+    KVBuffers,
+    layer_signal_count,
+    plan_copy,
+    run_copy,
+    word_offsets,
+)
 
 DEFAULT_STAGING_BYTES = 64 << 20
 _STAGING_BUFFERS = 4
@@ -166,7 +174,7 @@ class Transfer:
             stream: torch.cuda.Stream | None = None) -> TransferPath:
         """Enqueue a prepared transfer; returns the path it took."""
         layers = range(self.buffers.num_layers) if layers is None else layers
-        path = self._choose(prepared, direction, layers)
+        path = self.path_for(prepared, direction, layers)
         if path is TransferPath.ZERO_COPY:
             # no stream context here: entering one costs more than this launch on the layerwise path
             run_copy(prepared.plan, direction, layers=layers, max_programs=self.max_programs, stream=stream)
@@ -178,6 +186,14 @@ class Transfer:
                     run_copy(part, direction, layers=layers, max_programs=self.max_programs)
             self._run_staged(prepared, direction, layers, stream)
         return path
+
+    def run_signalled(self, prepared: PreparedTransfer, direction: Direction, layer_done: torch.Tensor, *,
+                      stream: torch.cuda.Stream | None = None) -> int:
+        """Enqueue every layer in one zero-copy launch that counts each layer into ``layer_done``
+        as it lands (see ``run_copy``); returns the count that means "layer landed"."""
+        layers = range(self.buffers.num_layers)
+        run_copy(prepared.plan, direction, max_programs=self.max_programs, stream=stream, layer_done=layer_done)
+        return layer_signal_count(prepared.plan, layers, self.max_programs)
 
     def _order_after_prepare(self, stream: torch.cuda.Stream | None) -> None:
         """``prepare`` converts slots and zeroes the error flag on the current stream; a launch
@@ -191,7 +207,8 @@ class Transfer:
 
     # -- internals --------------------------------------------------------
 
-    def _choose(self, prepared: PreparedTransfer, direction: Direction, layers: range) -> TransferPath:
+    def path_for(self, prepared: PreparedTransfer, direction: Direction, layers: range) -> TransferPath:
+        """The path ``run`` takes for ``prepared`` over ``layers``: zero-copy or staged, never auto."""
         if self.buffers.device.type != "cuda" or len(prepared.full_chunks) == 0:
             return TransferPath.ZERO_COPY
         if self.path is TransferPath.AUTO:

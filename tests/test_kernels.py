@@ -16,6 +16,9 @@ from lmc_transfer.kernels import (
     LayoutKind,
     SlotRangeError,
     gather,
+    layer_signal_count,
+    plan_copy,
+    run_copy,
     scatter,
 )
 from lmc_transfer.transfer import AutoRule, Transfer, TransferPath
@@ -226,6 +229,54 @@ def test_layout_validation_errors():
         KVBuffers.token_slot(k, v[:1])
     with pytest.raises(TypeError, match="layer 0 plane 0: expected a torch.Tensor, got list"):
         KVBuffers.mla([[1, 2]])
+
+# Rows of 2 KiB give 512-word tile columns, so 19 tokens already make several tiles per layer.
+WIDE_HEADS = dict(head_dim_k=512, head_dim_v=512)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [1, 3, 64])
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("kind", [LayoutKind.TOKEN_SLOT, LayoutKind.PAGED_BLOCKS], ids=lambda k: k.value)
+def test_layer_signals_count_each_layer_and_copy_the_same_bytes(kind, direction, programs, device):
+    gen = torch.Generator().manual_seed(30 + programs)
+    buffers = make_buffers(kind, torch.bfloat16, num_layers=NUM_LAYERS, num_slots=NUM_SLOTS, device=device, gen=gen,
+                           **WIDE_HEADS)
+    slots = _slots(gen, 19, page_aligned=False, device=device)
+    slabs = random_slabs(3, buffers.geometry.slab_bytes(CHUNK), gen, pin=device == "cuda")
+    layers = range(1, NUM_LAYERS)
+    if direction is Direction.GATHER:
+        expected = _oracle_gather(buffers, slots, [s.cpu() for s in slabs], 5, layers)
+    else:
+        expected = _oracle_scatter(buffers, slots, [s.cpu() for s in slabs], 5, layers)
+    plan = plan_copy(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5)
+    # One counter more than the layers, all starting at 7: counts add, the spare stays untouched.
+    done = torch.full((len(layers) + 1,), 7, dtype=torch.int32, device=device)
+    run_copy(plan, direction, layers=layers, max_programs=programs, layer_done=done, backend=Backend.TRITON)
+    got = [s.cpu() for s in slabs] if direction is Direction.GATHER else buffer_bytes(buffers)
+    count = layer_signal_count(plan, layers, programs)
+    # 64 programs get 2048-word tiles: 2 planes x ceil(19 tokens / 4-token blocks) = 10 tiles a layer.
+    assert count == {1: 1, 3: 3, 64: 10}[programs]
+    assert done.cpu().tolist() == [7 + count] * len(layers) + [7]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    "layer_done, error, message",
+    [
+        ([0, 0], TypeError, "layer_done: expected a torch.Tensor, got list"),
+        (torch.zeros(2, dtype=torch.int64), ValueError, "layer_done: expected a contiguous 1-D torch.int32 tensor, got dtype torch.int64"),
+        (torch.zeros(1, dtype=torch.int32), ValueError, r"layer_done: expected at least 2 counters \(one per layer of range\(0, 2\)\), got 1"),
+        (torch.zeros(2, dtype=torch.int32, device="meta"), ValueError, "layer_done: expected device cpu like the KV buffers, got meta"),
+        (torch.zeros(5, dtype=torch.int32)[1:], ValueError, "layer_done: base address must be 16-byte aligned"),
+    ],
+    ids=["not_tensor", "dtype", "short", "device", "unaligned"],
+)
+def test_bad_layer_done_raises_documented_error(layer_done, error, message):
+    buffers, slabs = _small()
+    plan = plan_copy(buffers, torch.arange(10), slabs, chunk_size=CHUNK)
+    with pytest.raises(error, match=message):
+        run_copy(plan, Direction.SCATTER, layer_done=layer_done)
 
 
 @pytest.mark.gpu

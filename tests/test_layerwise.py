@@ -11,12 +11,13 @@ import torch
 from lmc_transfer.config import GB, LMCTransferConfig
 from lmc_transfer.ip_store import IPStore
 from lmc_transfer.kernels import LayoutKind, SlotRangeError
+from lmc_transfer.keys import chunk_keys
 from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
 from lmc_transfer.store import Reservation
 from lmc_transfer.transfer import Transfer
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, make_buffers
-from .test_ip_store import CS, FakeClock, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
+from .test_ip_store import CS, SALT, FakeClock, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
 
 LAYERS = 3
 
@@ -226,6 +227,46 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
     torch.cuda.synchronize()
     for got, want in zip(rows(buffers, dst), expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer_signals", [True, False], ids=["one_launch_counters", "launch_per_layer_events"])
+def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -> None:
+    """A kernel queued after wait_until(l) sees all of layer l although later layers are still
+    loading: each layer is snapshotted on the compute stream right after its wait."""
+    num_layers, chunk = 8, 256
+    gen = torch.Generator().manual_seed(5)
+    # 8 heads x 128 bf16 per plane (Llama-8B rows): ~1 ms of PCIe per layer for 8192 tokens.
+    buffers = make_buffers(LayoutKind.TOKEN_SLOT, torch.bfloat16, num_layers=num_layers, num_slots=16384,
+                           device="cuda", gen=gen, heads=8, head_dim_k=128, head_dim_v=128)
+    slab = buffers.geometry.slab_bytes(chunk)
+    cfg = LMCTransferConfig.from_dict({"chunk_size": chunk, "max_local_cpu_size": 33.5 * slab / GB})
+    store = IPStore(cfg, buffers)
+    keys = chunk_keys(list(range(32 * chunk)), chunk, SALT)
+    src, dst = torch.randperm(16384, device="cuda", generator=None).split(8192)
+    expected = rows(buffers, src)
+    transfer = Transfer(buffers, chunk)
+    saver = LayerwiseStore(transfer, store, store.reserve(keys), src)
+    for layer in range(num_layers):
+        saver.after_layer(layer)
+    assert saver.finish() == 32
+    counter = LayerTransferCounter(transfer, layer_signals=layer_signals)
+    assert counter.uses_layer_signals is layer_signals
+    lease = store.lookup(keys)
+    torch.cuda.synchronize()
+    snapshots = []
+    counter.start_load(store, lease, dst)
+    for layer in range(num_layers):
+        counter.wait_until(layer)
+        snapshots.append([buffers.plane_rows(layer, plane)[dst].clone() for plane in range(2)])
+    result = counter.finish()
+    store.release(lease)
+    assert result.chunks_loaded == 32
+    torch.cuda.synchronize()
+    per_layer_expected = [expected[layer * 2:(layer + 1) * 2] for layer in range(num_layers)]
+    for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected)):
+        for plane in range(2):
+            assert torch.equal(got[plane], want[plane]), f"layer {layer} plane {plane} read before it landed"
 
 
 class _FailingTransfer(Transfer):
