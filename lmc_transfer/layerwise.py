@@ -1,13 +1,14 @@
 """Layerwise transfers that overlap the forward pass without blocking the CPU.
 
-Loads: ``LayerTransferCounter.start_load`` queues the load on a load stream as one
-zero-copy launch that counts every layer into a device counter as it lands; before
-layer ``l`` reads its KV, ``wait_until(l)`` makes the compute stream wait on that
-counter (``cuStreamWaitValue32``: a GPU-side wait, no event and no launch per layer).
-Where the driver refuses such waits, or the transfer takes the staged path, it queues
-one scatter per layer and records one CUDA event after each, and ``wait_until(l)``
-waits on event ``l``. ``finish()`` waits for the last layer and re-checks the slab
-generations.
+Loads: ``LayerTransferCounter.start_load`` queues one scatter per layer on a load
+stream and records one CUDA event after each; before layer ``l`` reads its KV,
+``wait_until(l)`` makes the compute stream wait on event ``l`` (a GPU-side wait).
+With ``layer_signals=True`` it queues one zero-copy launch for all layers instead,
+which counts every layer into a device counter as it lands, and ``wait_until(l)``
+waits on that counter (``cuStreamWaitValue32``: no launch and no event per layer,
+so short layers are no longer bound by the CPU's launch cost); it falls back to the
+per-layer launches where the driver refuses such waits or the staged path is taken.
+``finish()`` waits for the last layer and re-checks the slab generations.
 
 Stores: ``LayerwiseStore.after_layer(l)`` records an event on the compute stream
 once layer ``l`` has written its KV and queues that layer's gather on a store
@@ -67,8 +68,9 @@ class LayerTransferCounter:
     """Drives one layerwise load at a time (see module docstring)."""
 
     def __init__(self, transfer: Transfer, *, stream: torch.cuda.Stream | None = None,
-                 layer_signals: bool = True) -> None:
-        """``layer_signals=False`` always launches per layer with an event each (the fallback)."""
+                 layer_signals: bool = False) -> None:
+        """``layer_signals``: one launch with per-layer device counters instead of one launch and
+        one event per layer (module docstring); off by default until measured on a GPU."""
         if not isinstance(transfer, Transfer):
             raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
         self.transfer = transfer

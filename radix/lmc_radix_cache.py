@@ -144,7 +144,7 @@ class LMCRadixCache(RadixCache):
         self._on_cuda = buffers.device.type == "cuda"
         self._store_transfer = self._new_transfer()
         self._store_stream = torch.cuda.Stream(device=buffers.device) if self._on_cuda else None
-        self.layer_transfer_counter = LayerTransferCounter(self._new_transfer())
+        self.layer_transfer_counter = LayerTransferCounter(self._new_transfer(), layer_signals=config.layer_signals)
         self._in_flight_stores: list[tuple[TreeNode, LayerwiseStore]] = []
         self._mp_load_back_markers: dict[str, _LoadBackMarker] = {}
         self._torn_nodes: list[TreeNode] = []  # torn IP loads, dropped once unlocked

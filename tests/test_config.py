@@ -40,7 +40,11 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""))
     assert cfg == LMCTransferConfig()
     assert cfg.mode is Mode.IP and cfg.mp_port is None and cfg.max_programs is None
-    assert cfg.allow_remote_tcp is False
+    assert cfg.allow_remote_tcp is False and cfg.layer_signals is False
+
+
+def test_layer_signals_is_a_bool(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "layer_signals: true\n")).layer_signals is True
 
 
 def test_values_are_normalised(tmp_path: Path) -> None:
@@ -70,6 +74,7 @@ def test_from_dict_names_its_source() -> None:
         ("mode: hybrid\n", "mode: expected one of mp, ip, got 'hybrid'"),
         ("mp_port: 70000\n", "mp_port: expected an integer in [1, 65535], got 70000"),
         ("allow_remote_tcp: 'yes'\n", "allow_remote_tcp: expected true or false, got 'yes'"),
+        ("layer_signals: 1\n", "layer_signals: expected true or false, got 1"),
         ("transfer_path: fast\n", "transfer_path: expected one of auto, zero_copy, staged, got 'fast'"),
         ("local_disk: 's3://bucket'\n", "local_disk: expected a directory path or a file:// URL, got 's3://bucket'"),
         ("max_programs: 0\n", "max_programs: expected an integer >= 1, got 0"),

@@ -277,7 +277,8 @@ class LMCacheLayerwiseConnector(_Connector):
         super().__init__(IPStore(config, buffers), buffers, config, sgl_config, tp_size, rank, tp_group, page_size)
         self._counter = LayerTransferCounter(
             Transfer(buffers, config.chunk_size, path=TransferPath(config.transfer_path),
-                     staging_bytes=config.staging_bytes, max_programs=config.max_programs)
+                     staging_bytes=config.staging_bytes, max_programs=config.max_programs),
+            layer_signals=config.layer_signals,
         )
         self._on_cuda = buffers.device.type == "cuda"
         self._in_flight: HostHit | None = None
