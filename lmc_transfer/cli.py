@@ -3,6 +3,7 @@
     lmc-transfer server --config F   run the MP cache daemon (foreground)
     lmc-transfer stats  --config F   print the daemon's counters
     lmc-transfer ping   --config F   exit 0 if the daemon answers in time, 1 otherwise
+    lmc-transfer demo   [--config F] the end-to-end demo (default: the example MP config)
 
 A subcommand is one ``_cmd_*`` function taking the parsed arguments and returning
 the exit status, plus one entry in ``SUBCOMMANDS``; ``add_arguments`` (optional)
@@ -29,6 +30,7 @@ class Subcommand:
     help: str
     run: Callable[[argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    config_required: bool = True
 
 
 def _request(args: argparse.Namespace, msg_type: MsgType) -> dict:
@@ -103,9 +105,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from lmc_transfer import demo
 
-    # The demo has a default config (the example MP one on a private socket).
-    config = parser._option_string_actions["--config"]
-    config.required, config.default = False, None
     demo.add_arguments(parser)
 
 
@@ -113,7 +112,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "server": Subcommand("run the MP cache daemon in the foreground", _cmd_server),
     "stats": Subcommand("print the daemon's counters", _cmd_stats, _stats_arguments),
     "ping": Subcommand("exit 0 if the daemon answers within --timeout-ms (liveness probe)", _cmd_ping),
-    "demo": Subcommand("end-to-end demo: a toy engine serving multi-turn chats through the cache", _cmd_demo, _demo_arguments),
+    # The demo has a default config (the example MP one on a private socket).
+    "demo": Subcommand("end-to-end demo: a toy engine serving multi-turn chats through the cache", _cmd_demo,
+                       _demo_arguments, config_required=False),
 }
 
 
@@ -122,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=command.help)
-        p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument("--config", required=command.config_required, default=None,
+                       help="YAML config file" + ("" if command.config_required else
+                                                  " (default: configs/example_config_mp.yaml)"))
         p.add_argument("--timeout-ms", type=int, default=1000, help="how long to wait for the daemon (default 1000)")
         p.add_argument("--log-level", default="INFO")
         if command.add_arguments is not None:
