@@ -19,7 +19,10 @@ pool must echo it, so a client of a previous daemon is told to HELLO again
 instead of using lease or slab ids that mean something else now.
 
 The loop is single-threaded: requests are handled one at a time (each is a few
-dictionary operations; disk promotions read files inline). Leases and
+dictionary operations). A LOOKUP that must bring chunks up from the disk or the
+remote tier is handed to one promotion thread (lmc_transfer.promoter) and answered
+when it is done, so slow tier I/O never delays other clients; a promotion stops
+after half of ``lookup_timeout_ms`` and answers with what it has. Leases and
 reservations expire (``lease_ttl_s``), so a dead engine pins nothing for long.
 Any request that fails to parse or validate gets an error reply; the daemon
 never dies on input.
@@ -47,6 +50,7 @@ from lmc_transfer.disk_tier import DiskTier, geometry_digest
 from lmc_transfer.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
 from lmc_transfer.kernels import KVGeometry
 from lmc_transfer.pool import SlabPool
+from lmc_transfer.promoter import Deferred, Promoter
 from lmc_transfer.protocol import (
     MAX_HEADER_BYTES,
     ErrorCode,
@@ -64,6 +68,7 @@ from lmc_transfer.protocol import (
 )
 from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
 from lmc_transfer.shm import SharedSegment
+from lmc_transfer.store import Lease
 
 log = logging.getLogger("lmc_transfer.server")
 
@@ -75,6 +80,10 @@ _CLIENT_IDLE_S = 600.0
 _MAX_CLIENTS = 4096
 #: On shutdown, how long queued remote writes may take before they are dropped.
 _REMOTE_FLUSH_S = 5.0
+#: While promotions run, the loop wakes this often to send their replies.
+_PROMOTION_POLL_MS = 1
+#: On shutdown, how long the promotion in progress may take (each step is bounded by timeouts).
+_PROMOTER_JOIN_S = 30.0
 
 
 @dataclass
@@ -131,6 +140,7 @@ class CacheDaemon:
         self._socket: zmq.Socket | None = None
         self._ipc_path: Path | None = None
         self._instance: DaemonInstance | None = None
+        self._promoter: Promoter | None = None
         self.endpoint: str | None = None
 
     # -- socket --------------------------------------------------------------
@@ -182,23 +192,38 @@ class CacheDaemon:
         # A blocking recv bounded by RCVTIMEO wakes up faster than poll() + NOBLOCK
         # (one thread hand-off less per request); the timeout keeps expiry running.
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        promoter = self._promoter = Promoter()
+        polling_fast = False
         next_expire = 0.0
-        while not stop.is_set():
-            try:
-                frames = sock.recv_multipart()
-            except zmq.Again:
-                frames = None
-            if frames is not None and len(frames) >= 2:  # else no identity + payload: nothing to reply to
-                reply = self.handle(frames[1:])
+        try:
+            while not stop.is_set():
+                if polling_fast != (promoter.pending > 0):
+                    polling_fast = not polling_fast
+                    sock.setsockopt(zmq.RCVTIMEO, _PROMOTION_POLL_MS if polling_fast else _POLL_MS)
                 try:
-                    sock.send_multipart([frames[0], *reply], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the peer is gone or not reading; it will time out
-            now = self._clock()
-            if now >= next_expire:
-                next_expire = now + _POLL_MS / 1000
-                if self._state is not None:
-                    self._state.pool.expire()
+                    frames = sock.recv_multipart()
+                except zmq.Again:
+                    frames = None
+                if frames is not None and len(frames) >= 2:  # else no identity + payload: nothing to reply to
+                    outcome = self._begin(frames[1:])
+                    if isinstance(outcome, list):
+                        _send(sock, frames[0], outcome)
+                    else:
+                        request_id, deferred = outcome
+                        promoter.submit((frames[0], frames[1:], request_id), deferred)
+                for job in promoter.drain():
+                    identity, request_frames, request_id = job.ticket
+                    _send(sock, identity, self._end(request_frames, request_id, job.deferred, job.result, job.error))
+                now = self._clock()
+                if now >= next_expire:
+                    next_expire = now + _POLL_MS / 1000
+                    if self._state is not None:
+                        self._state.pool.expire()
+        finally:
+            # No promotion may still write into the segment that close() unlinks.
+            if not promoter.close(_PROMOTER_JOIN_S):
+                log.error("a promotion still runs after %.0fs", _PROMOTER_JOIN_S)
+            self._promoter = None
 
     def close(self) -> None:
         """Flush the disk tier, unlink the segment and the ipc socket; idempotent."""
@@ -228,26 +253,53 @@ class CacheDaemon:
     # -- requests ------------------------------------------------------------
 
     def handle(self, frames: list[bytes]) -> list[bytes]:
-        """One request's frames (without the routing identity) -> reply frames."""
+        """One request's frames (without the routing identity) -> reply frames; a lookup's
+        tier promotion runs inline here (the socket loop hands it to its promotion thread)."""
+        outcome = self._begin(frames)
+        if isinstance(outcome, list):
+            return outcome
+        request_id, deferred = outcome
+        try:
+            result, error = deferred.work(), None
+        except Exception as exc:
+            result, error = None, exc
+        return self._end(frames, request_id, deferred, result, error)
+
+    def _begin(self, frames: list[bytes]) -> list[bytes] | tuple[int, Deferred]:
+        """Reply frames, or (request id, the slow part of the reply) for the promotion thread."""
         self.counters.requests += 1
         try:
             request = decode_request(frames)
             check_token(self.config.mp_auth_token, request.token)
             body = self._dispatch(request)
+            if isinstance(body, Deferred):
+                return request.request_id, body
             return encode_reply(Reply(request_id=request.request_id, ok=True, body=body))
-        except ProtocolError as exc:
-            self.counters.errors += 1
-            return encode_reply(Reply(request_id=_best_effort_id(frames), ok=False, code=exc.code, error=str(exc)))
         except Exception as exc:  # never die on a request
-            self.counters.errors += 1
-            log.exception("internal error while handling a request")
-            return encode_reply(
-                Reply(request_id=_best_effort_id(frames), ok=False, code=ErrorCode.INTERNAL, error=f"{type(exc).__name__}: {exc}")
-            )
+            return self._error_reply(frames, exc)
 
-    def _dispatch(self, request: Request) -> dict[str, Any]:
+    def _end(self, frames: list[bytes], request_id: int, deferred: Deferred, result: Any,
+             error: BaseException | None) -> list[bytes]:
+        """The reply to a deferred request once its slow part returned ``result`` or raised ``error``."""
+        if error is not None:
+            return self._error_reply(frames, error)
+        try:
+            return encode_reply(Reply(request_id=request_id, ok=True, body=deferred.finish(result)))
+        except Exception as exc:
+            return self._error_reply(frames, exc)
+
+    def _error_reply(self, frames: list[bytes], exc: BaseException) -> list[bytes]:
+        self.counters.errors += 1
+        if isinstance(exc, ProtocolError):
+            return encode_reply(Reply(request_id=_best_effort_id(frames), ok=False, code=exc.code, error=str(exc)))
+        log.error("internal error while handling a request", exc_info=exc)
+        return encode_reply(
+            Reply(request_id=_best_effort_id(frames), ok=False, code=ErrorCode.INTERNAL, error=f"{type(exc).__name__}: {exc}")
+        )
+
+    def _dispatch(self, request: Request) -> dict[str, Any] | Deferred:
         # Every MsgType has a handler named after it (_hello, _lookup, ...).
-        handler: Callable[[Request], dict[str, Any]] = getattr(self, f"_{request.type.value.lower()}")
+        handler: Callable[[Request], dict[str, Any] | Deferred] = getattr(self, f"_{request.type.value.lower()}")
         return handler(request)
 
     def _require_pool(self, request: Request, fields: tuple[str, ...]) -> _Pool:
@@ -373,15 +425,26 @@ class CacheDaemon:
         check_body_fields(request.body, (), request.type)
         return {"cleared": self._state.pool.clear() if self._state is not None else 0}
 
-    def _lookup(self, request: Request) -> dict[str, Any]:
+    def _lookup(self, request: Request) -> dict[str, Any] | Deferred:
         state = self._require_pool(request, ())
         keys = list(request.keys)
-        pool = state.pool
-        lease = pool.lookup(keys, self.config.lease_ttl_s)
-        if lease.num_chunks < len(keys) and (state.disk is not None or state.remote is not None) and self._promote(state, keys, lease.num_chunks):
-            first = lease
-            lease = pool.lookup(keys, self.config.lease_ttl_s)
-            pool.release(first.lease_id)
+        lease = state.pool.lookup(keys, self.config.lease_ttl_s)
+        if lease.num_chunks < len(keys) and (state.disk is not None or state.remote is not None):
+            # Half the client's deadline for tier I/O leaves the rest for the reply and its copy.
+            deadline = time.monotonic() + self.config.lookup_timeout_ms / 2000
+            return Deferred(work=lambda: self._promoted_lease(state, keys, lease, deadline),
+                            finish=lambda found: self._lookup_reply(keys, found))
+        return self._lookup_reply(keys, lease)
+
+    def _promoted_lease(self, state: _Pool, keys: list[bytes], lease: Lease, deadline: float) -> Lease:
+        """(Promotion thread.) ``lease``, or a longer one once the keys past it were promoted."""
+        if not self._promote(state, keys, lease.num_chunks, deadline):
+            return lease
+        longer = state.pool.lookup(keys, self.config.lease_ttl_s)
+        state.pool.release(lease.lease_id)
+        return longer
+
+    def _lookup_reply(self, keys: list[bytes], lease: Lease) -> dict[str, Any]:
         self.counters.lookups += 1
         self.counters.hit_chunks += lease.num_chunks
         self.counters.miss_chunks += len(keys) - lease.num_chunks
@@ -392,21 +455,25 @@ class CacheDaemon:
             "ttl_s": self.config.lease_ttl_s,
         }
 
-    def _promote(self, state: _Pool, keys: list[bytes], start: int) -> bool:
+    def _promote(self, state: _Pool, keys: list[bytes], start: int, deadline: float) -> bool:
         """Bring the run of keys after the L1 prefix into L1: from disk while it has
-        them, then from the remote tier; True if any chunk came in."""
+        them, then from the remote tier; True if any chunk came in. Only the promotion
+        thread changes the promotion counters."""
         promoted = 0
         stop = start
         if state.disk is not None:
-            stop, promoted = self._promote_from_disk(state, keys, start)
+            stop, promoted = self._promote_from_disk(state, keys, start, deadline)
             self.counters.disk_promotions += promoted
-        if state.remote is not None and stop < len(keys):
+        if state.remote is not None and stop < len(keys) and not self._promotion_over(deadline):
             remote = state.remote.fill(state.pool, keys[stop:], self.config.lease_ttl_s)
             self.counters.remote_promotions += remote
             promoted += remote
         return promoted > 0
 
-    def _promote_from_disk(self, state: _Pool, keys: list[bytes], start: int) -> tuple[int, int]:
+    def _promotion_over(self, deadline: float) -> bool:
+        return time.monotonic() >= deadline or (self._promoter is not None and self._promoter.stopping.is_set())
+
+    def _promote_from_disk(self, state: _Pool, keys: list[bytes], start: int, deadline: float) -> tuple[int, int]:
         """(index of the first key neither in L1 nor promoted from disk, chunks promoted)."""
         assert state.disk is not None
         promoted = 0
@@ -414,6 +481,8 @@ class CacheDaemon:
             key = keys[i]
             if state.pool.contains(key):
                 continue
+            if self._promotion_over(deadline):
+                return i, promoted
             if not state.disk.contains(key):
                 return i, promoted
             res = state.pool.reserve([key], self.config.lease_ttl_s)
@@ -506,6 +575,13 @@ def _redact(url: str) -> str:
     if not at:
         return url
     return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
+
+
+def _send(sock: zmq.Socket, identity: bytes, reply: list[bytes]) -> None:
+    try:
+        sock.send_multipart([identity, *reply], zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass  # the peer is gone or not reading; it will time out
 
 
 def _best_effort_id(frames: list[bytes]) -> int:
