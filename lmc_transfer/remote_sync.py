@@ -136,9 +136,11 @@ class RemoteSync:
 
     # -- fill ------------------------------------------------------------------
 
-    def fill(self, pool: SlabPool, keys: Sequence[bytes], ttl_s: float) -> int:
-        """Bring the remote's leading run of ``keys`` into ``pool``; returns how many were copied."""
-        deadline = time.monotonic() + self._timeout_s
+    def fill(self, pool: SlabPool, keys: Sequence[bytes], ttl_s: float, *, deadline: float | None = None) -> int:
+        """Bring the remote's leading run of ``keys`` into ``pool``; returns how many were copied.
+        Stops after ``timeout_s``, or at ``deadline`` (``time.monotonic()``) if that comes first."""
+        own = time.monotonic() + self._timeout_s
+        deadline = own if deadline is None else min(own, deadline)
         present = self.tier.longest_prefix(keys)
         batch = max(1, FETCH_BATCH_BYTES // self._slab_bytes)
         filled = 0
@@ -156,7 +158,11 @@ class RemoteSync:
                 res = pool.reserve([key], ttl_s)
                 if res.num_chunks == 0:
                     return self._done(filled)  # full of pinned slabs, or another client is writing it
-                self._slab(res.slab_ids[0]).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+                try:
+                    self._slab(res.slab_ids[0]).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+                except BaseException:
+                    pool.abort(res.reservation_id)
+                    raise
                 with self._lock:
                     self._from_remote.add(key)
                 if pool.commit(res.reservation_id) == 0:

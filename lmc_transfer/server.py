@@ -141,6 +141,7 @@ class CacheDaemon:
         self._ipc_path: Path | None = None
         self._instance: DaemonInstance | None = None
         self._promoter: Promoter | None = None
+        self._promotion_stuck = False  # a promotion outlived shutdown: it may still write the segment
         self.endpoint: str | None = None
 
     # -- socket --------------------------------------------------------------
@@ -222,12 +223,14 @@ class CacheDaemon:
         finally:
             # No promotion may still write into the segment that close() unlinks.
             if not promoter.close(_PROMOTER_JOIN_S):
-                log.error("a promotion still runs after %.0fs", _PROMOTER_JOIN_S)
+                log.error("a promotion still runs after %.0fs: the segment stays for the next daemon to reap",
+                          _PROMOTER_JOIN_S)
+                self._promotion_stuck = True
             self._promoter = None
 
     def close(self) -> None:
         """Flush the disk tier, unlink the segment and the ipc socket; idempotent."""
-        if self._state is not None:
+        if self._state is not None and not self._promotion_stuck:
             if self._state.remote is not None:
                 if not self._state.remote.flush(_REMOTE_FLUSH_S):
                     log.warning("remote tier: writes still queued after %.1fs are dropped", _REMOTE_FLUSH_S)
@@ -430,19 +433,33 @@ class CacheDaemon:
         keys = list(request.keys)
         lease = state.pool.lookup(keys, self.config.lease_ttl_s)
         if lease.num_chunks < len(keys) and (state.disk is not None or state.remote is not None):
+            now = time.monotonic()
             # Half the client's deadline for tier I/O leaves the rest for the reply and its copy.
-            deadline = time.monotonic() + self.config.lookup_timeout_ms / 2000
-            return Deferred(work=lambda: self._promoted_lease(state, keys, lease, deadline),
-                            finish=lambda found: self._lookup_reply(keys, found))
+            promote_by = now + self.config.lookup_timeout_ms / 2000
+            # The client's clock started before the send: past 90% of its timeout, count it gone
+            # (a miss where it might just have made it, rather than a lease nobody releases).
+            client_gone_at = now + 0.9 * self.config.lookup_timeout_ms / 1000
+            return Deferred(work=lambda: self._promoted_lease(state, keys, lease, promote_by),
+                            finish=lambda found: self._late_lookup_reply(state, keys, found, client_gone_at))
         return self._lookup_reply(keys, lease)
 
     def _promoted_lease(self, state: _Pool, keys: list[bytes], lease: Lease, deadline: float) -> Lease:
-        """(Promotion thread.) ``lease``, or a longer one once the keys past it were promoted."""
-        if not self._promote(state, keys, lease.num_chunks, deadline):
-            return lease
+        """(Promotion thread.) The lease over the keys' L1 prefix once those past ``lease`` were
+        promoted, by this job or by one queued before it; a failed promotion answers with what L1 has."""
+        try:
+            self._promote(state, keys, lease.num_chunks, deadline)
+        except Exception:
+            log.exception("promotion failed; answering with the L1 prefix")
         longer = state.pool.lookup(keys, self.config.lease_ttl_s)
         state.pool.release(lease.lease_id)
         return longer
+
+    def _late_lookup_reply(self, state: _Pool, keys: list[bytes], lease: Lease, client_gone_at: float) -> dict[str, Any]:
+        """A promoted lookup's reply; past the client's deadline nobody reads it, so its lease goes now."""
+        if time.monotonic() > client_gone_at and lease.num_chunks:
+            state.pool.release(lease.lease_id)
+            lease = Lease(lease_id=0, keys=lease.keys, slab_ids=(), generations=(), deadline=lease.deadline)
+        return self._lookup_reply(keys, lease)
 
     def _lookup_reply(self, keys: list[bytes], lease: Lease) -> dict[str, Any]:
         self.counters.lookups += 1
@@ -465,7 +482,7 @@ class CacheDaemon:
             stop, promoted = self._promote_from_disk(state, keys, start, deadline)
             self.counters.disk_promotions += promoted
         if state.remote is not None and stop < len(keys) and not self._promotion_over(deadline):
-            remote = state.remote.fill(state.pool, keys[stop:], self.config.lease_ttl_s)
+            remote = state.remote.fill(state.pool, keys[stop:], self.config.lease_ttl_s, deadline=deadline)
             self.counters.remote_promotions += remote
             promoted += remote
         return promoted > 0
@@ -488,7 +505,12 @@ class CacheDaemon:
             res = state.pool.reserve([key], self.config.lease_ttl_s)
             if res.num_chunks == 0:
                 return i, promoted
-            if not state.disk.load_into(key, state.pool.slab(res.slab_ids[0])):
+            try:
+                loaded = state.disk.load_into(key, state.pool.slab(res.slab_ids[0]))
+            except BaseException:
+                state.pool.abort(res.reservation_id)
+                raise
+            if not loaded:
                 state.pool.abort(res.reservation_id)
                 return i, promoted
             state.pool.commit(res.reservation_id)
