@@ -7,6 +7,8 @@ tree only has to offer the few operations of ``LoadBackTree``.
 Rules:
 - Keys are ``chunk_keys`` over the token ids with the engine's ``KeySalt``; only
   full chunks are cached, and the loaded prefix always ends on a chunk boundary.
+  A request in a ``KeyNamespace`` (SGLang: a LoRA ``extra_key`` or a ``cache_salt``)
+  gets keys of its own, so KV is shared only within one namespace.
 - A lookup starts at the chunk holding the first token missing from the device
   tree; tokens of that chunk already on the device are skipped with slot -1
   (the kernels skip negative slots), so device KV is never overwritten.
@@ -21,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
@@ -50,9 +53,30 @@ class LoadBackTree(Protocol):
     def node_in_tree(self, node: Any) -> bool:
         """False once ``node`` was evicted or the tree was reset."""
 
-    def attach_loaded(self, node: Any, key: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Insert ``key``/``slots`` below ``node``; free the slots of tokens already present there.
-        Returns the tree's slots for ``key`` and the node they end at."""
+    def attach_loaded(
+        self, node: Any, key: list[int], slots: torch.Tensor, namespace: KeyNamespace | None
+    ) -> tuple[torch.Tensor, Any]:
+        """Insert ``key``/``slots`` (of ``namespace``) below ``node``; free the slots of tokens
+        already present there. Returns the tree's slots for ``key`` and the node they end at."""
+
+
+@dataclass(frozen=True)
+class KeyNamespace:
+    """A request's KV namespace on top of the engine's ``KeySalt``: requests share cached
+    chunks only within one namespace (SGLang's ``RadixKey.extra_key`` and ``cache_salt``)."""
+
+    extra_key: str | None = None
+    cache_salt: str | None = None
+
+    @classmethod
+    def of(cls, extra_key: str | None, cache_salt: str | None) -> KeyNamespace | None:
+        """The namespace of a request, None for the default one (no extra key, no salt)."""
+        if extra_key is None and not cache_salt:
+            return None
+        return cls(extra_key, cache_salt or None)
+
+    def tag(self) -> str:
+        return json.dumps([self.extra_key, self.cache_salt])
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,7 @@ class HostHit:
     device_len: int
     end: int
     chunk_size: int
+    namespace: KeyNamespace | None = None
 
     @property
     def host_hit_length(self) -> int:
@@ -142,9 +167,20 @@ class LMCPolicy:
         self.page_size = page_size
         self._tp_min_reduce = tp_min_reduce
         self._pending_finish: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]] = []
+        self._salts: dict[KeyNamespace, KeySalt] = {}
 
-    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
-        return chunk_keys(list(token_ids), self.chunk_size, self.salt)
+    def keys(self, token_ids: Sequence[int], namespace: KeyNamespace | None = None) -> list[bytes]:
+        return chunk_keys(list(token_ids), self.chunk_size, self._salt_for(namespace))
+
+    def _salt_for(self, namespace: KeyNamespace | None) -> KeySalt:
+        if namespace is None:
+            return self.salt
+        salt = self._salts.get(namespace)
+        if salt is None:
+            # The engine's own cache_salt stays part of it; the default namespace keeps the plain salt.
+            tag = json.dumps([self.salt.cache_salt, namespace.tag()])
+            salt = self._salts[namespace] = dataclasses.replace(self.salt, cache_salt=tag)
+        return salt
 
     def tp_agree(self, num_tokens: int) -> int:
         """The prefix length every rank can reach (this rank's when not TP-sharded)."""
@@ -157,8 +193,10 @@ class LMCPolicy:
 
     # -- loads ---------------------------------------------------------------
 
-    def lookup(self, token_ids: Sequence[int], device_len: int) -> HostHit | None:
-        """Lease the cached chunks that extend the first ``device_len`` tokens of ``token_ids``.
+    def lookup(self, token_ids: Sequence[int], device_len: int, namespace: KeyNamespace | None = None
+               ) -> HostHit | None:
+        """Lease the cached chunks (of ``namespace``) that extend the first ``device_len`` tokens
+        of ``token_ids``.
 
         None when the cache adds nothing (after the TP agreement); no lease is then held.
         """
@@ -168,7 +206,7 @@ class LMCPolicy:
         lease = None
         reach = device_len
         if first_chunk < total_chunks:
-            keys = self.keys(token_ids[: total_chunks * cs])[first_chunk:]
+            keys = self.keys(token_ids[: total_chunks * cs], namespace)[first_chunk:]
             lease = self.store.lookup(keys)
             if lease.num_chunks:
                 reach = (first_chunk + lease.num_chunks) * cs
@@ -177,7 +215,8 @@ class LMCPolicy:
             self.store.release(lease)
         if lease is None or end <= device_len:
             return None
-        return HostHit(lease=lease, first_chunk=first_chunk, device_len=device_len, end=end, chunk_size=cs)
+        return HostHit(lease=lease, first_chunk=first_chunk, device_len=device_len, end=end, chunk_size=cs,
+                       namespace=namespace)
 
     def store_loader(self, lease: Lease, slots: torch.Tensor) -> LoadOutcome:
         """Synchronous load through ``CacheStore.load`` (generation-checked after the copy)."""
@@ -232,7 +271,7 @@ class LMCPolicy:
             if slots is None or not keep:
                 return LoadBack(self._empty(), last_node)
             tokens = list(token_ids[hit.device_len : hit.device_len + keep])
-            indices, node = tree.attach_loaded(last_node, tokens, slots[:keep])
+            indices, node = tree.attach_loaded(last_node, tokens, slots[:keep], hit.namespace)
         except BaseException:
             keep = 0  # nothing attached: every slot goes back
             raise
@@ -269,9 +308,10 @@ class LMCPolicy:
     # -- stores --------------------------------------------------------------
 
     def start_store(
-        self, token_ids: Sequence[int], slots: torch.Tensor, transfer: Transfer, stream: Any = None
+        self, token_ids: Sequence[int], slots: torch.Tensor, transfer: Transfer, stream: Any = None,
+        namespace: KeyNamespace | None = None,
     ) -> LayerwiseStore | None:
-        """Reserve the full chunks of ``token_ids`` not cached yet and queue their gathers.
+        """Reserve the full chunks of ``token_ids`` (in ``namespace``) not cached yet and queue their gathers.
 
         ``slots`` are the tree's slots of those tokens; they must stay valid (lock
         the node) until the returned store's ``finish()``. None when nothing is
@@ -280,7 +320,7 @@ class LMCPolicy:
         n = len(token_ids) // self.chunk_size * self.chunk_size
         if n == 0:
             return None
-        reservation = self.store.reserve(self.keys(token_ids[:n]))
+        reservation = self.store.reserve(self.keys(token_ids[:n], namespace))
         if reservation.num_chunks == 0:
             return None
         writer: LayerwiseStore | None = None

@@ -40,7 +40,7 @@ from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt
 from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore
 from lmc_transfer.radix.allocator import TokenSlotAllocator
-from lmc_transfer.radix.lmc_policy import HostHit, LMCPolicy, LoadBack, LoadOutcome, TpMinReduce
+from lmc_transfer.radix.lmc_policy import HostHit, KeyNamespace, LMCPolicy, LoadBack, LoadOutcome, TpMinReduce
 from lmc_transfer.radix.radix_cache import MatchResult, RadixCache, TreeNode
 from lmc_transfer.radix.request import Req
 from lmc_transfer.store import CacheStore, Lease
@@ -214,13 +214,14 @@ class LMCRadixCache(RadixCache):
         indices = torch.cat([base.device_indices, result.indices])
         return MatchResult(device_indices=indices, last_device_node=node, last_host_node=node)
 
-    def _ip_load_back(self, key: Sequence[int], device_len: int, last_node: Any) -> LoadBack | None:
-        """IP mode: look up the chunks past the device prefix and load them layerwise below
-        ``last_node``; None when nothing was loaded."""
+    def _ip_load_back(self, key: Sequence[int], device_len: int, last_node: Any,
+                      namespace: KeyNamespace | None = None) -> LoadBack | None:
+        """IP mode: look up the chunks past the device prefix (in ``namespace``) and load them
+        layerwise below ``last_node``; None when nothing was loaded."""
         self.finish_loads()  # the counter drives one load at a time
         if device_len == len(key):
             return None
-        hit = self.policy.lookup(key, device_len)
+        hit = self.policy.lookup(key, device_len, namespace)
         if hit is None:
             return None
         result = self._timed_load_back(hit, last_node, key, loader=self._layerwise_loader)
@@ -412,7 +413,11 @@ class LMCRadixCache(RadixCache):
             return False
         return True
 
-    def attach_loaded(self, node: TreeNode, key: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, TreeNode]:
+    def attach_loaded(self, node: TreeNode, key: list[int], slots: torch.Tensor,
+                      namespace: KeyNamespace | None = None) -> tuple[torch.Tensor, TreeNode]:
+        # This tree's one namespace is its constructor's cache_salt: lookups never pass another.
+        if namespace is not None:
+            raise ValueError(f"namespace: LMCRadixCache has no per-request namespaces, got {namespace!r}")
         present = self._insert_helper(node, key, slots)
         if present:
             # Inserted meanwhile by another request: the tree's slots win, ours are duplicates.

@@ -26,8 +26,10 @@ cache with the rules of ``lmc_transfer.radix.lmc_policy`` (the same ones our
   every chunked-prefill checkpoint and when the request finishes);
   ``on_release`` drops a lease the request never used.
 
-Keys carry no LoRA ``extra_key``: requests with an ``extra_key`` or a per-request
-``cache_salt`` use the device tree only, so KV is never shared across them.
+A request's ``extra_key`` (LoRA adapter, caller-defined class) and ``cache_salt``
+make its ``KeyNamespace``: its chunks get keys of their own and load back under a
+``RadixKey`` of that namespace, so KV is shared only where SGLang's own tree would
+share it.
 EAGLE bigram keys and pipeline parallelism are not supported (ValueError).
 """
 
@@ -44,7 +46,7 @@ import torch
 from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.integrations.sglang_import import import_mem_cache
 from lmc_transfer.kernels import KVBuffers
-from lmc_transfer.radix.lmc_policy import TpMinReduce
+from lmc_transfer.radix.lmc_policy import KeyNamespace, TpMinReduce
 from lmc_transfer.radix.lmc_radix_cache import LMCacheMode, LMCRadixCache, _LoadBackMarker
 from lmc_transfer.store import CacheStore
 
@@ -130,19 +132,21 @@ class LMCSGLangRadixCache(_radix.RadixCache):
 
     def match_prefix(self, params: Any) -> Any:
         base = super().match_prefix(params)
-        if self.disable or not _host_cacheable(params.key):
+        if self.disable:
             return base
-        tokens = list(params.key.page_aligned(self.page_size).raw_token_ids())
+        key = params.key
+        namespace = KeyNamespace.of(key.extra_key, key.cache_salt)
+        tokens = list(key.page_aligned(self.page_size).raw_token_ids())
         if self._mode is LMCacheMode.MP:
             if params.req is None:
                 return base
-            return self._mp_match_prefix(tokens, base, params.req.rid)
-        return self._ip_match_prefix(tokens, base)
+            return self._mp_match_prefix(tokens, base, params.req.rid, namespace)
+        return self._ip_match_prefix(tokens, base, namespace)
 
-    def _mp_match_prefix(self, tokens: list[int], base: Any, rid: str) -> Any:
+    def _mp_match_prefix(self, tokens: list[int], base: Any, rid: str, namespace: KeyNamespace | None) -> Any:
         self.release_request(rid)  # SGLang re-matches waiting requests every round
         device_len = base.device_prefix_len
-        hit = self.policy.lookup(tokens, device_len)
+        hit = self.policy.lookup(tokens, device_len, namespace)
         if hit is None:
             return base
         node = base.last_device_node
@@ -177,9 +181,9 @@ class LMCSGLangRadixCache(_radix.RadixCache):
             return 0, node
         return result.num_tokens, result.last_node
 
-    def _ip_match_prefix(self, tokens: list[int], base: Any) -> Any:
+    def _ip_match_prefix(self, tokens: list[int], base: Any, namespace: KeyNamespace | None) -> Any:
         device_len = base.device_prefix_len
-        result = self._ip_load_back(tokens, device_len, base.last_device_node)
+        result = self._ip_load_back(tokens, device_len, base.last_device_node, namespace)
         if result is None:
             return base
         node = result.last_node
@@ -196,7 +200,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     def checkpoint(self, req: Any, *, up_to: int, **kwargs: Any) -> None:
         self.finish_loads()
         super().checkpoint(req, up_to=up_to, **kwargs)
-        if self.disable or req.extra_key is not None or req.cache_salt:
+        if self.disable:
             return
         slots = self.path_device_indices(req.last_node)
         n = slots.numel() // self.store.chunk_size * self.store.chunk_size
@@ -207,7 +211,8 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         # The lock keeps the path's slots (a prefix of it is stored) until the store commits.
         self.inc_lock_ref(node)
         try:
-            writer = self.policy.start_store(tokens, slots[:n], self._store_transfer, self._store_stream)
+            writer = self.policy.start_store(tokens, slots[:n], self._store_transfer, self._store_stream,
+                                             namespace=KeyNamespace.of(req.extra_key, req.cache_salt))
         except BaseException:
             self.dec_lock_ref(node)
             raise
@@ -253,18 +258,16 @@ class LMCSGLangRadixCache(_radix.RadixCache):
             node = parent
         return True
 
-    def attach_loaded(self, node: Any, key: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        radix_key = RadixKey(array("q", key))
+    def attach_loaded(self, node: Any, key: list[int], slots: torch.Tensor,
+                      namespace: KeyNamespace | None = None) -> tuple[torch.Tensor, Any]:
+        ns = namespace or KeyNamespace()
+        radix_key = RadixKey(array("q", key), ns.extra_key, cache_salt=ns.cache_salt)
         present, _ = self._insert_helper(node, radix_key, slots)
         if present:
             # Inserted meanwhile by another request: the tree's slots win, ours are duplicates.
             self.token_to_kv_pool_allocator.free(slots[:present])
         values, last = self._match_prefix_helper(node, radix_key)
         return torch.cat(values), last
-
-
-def _host_cacheable(key: Any) -> bool:
-    return key.extra_key is None and not key.cache_salt
 
 
 def _tp_min_reduce(ctx: Any) -> TpMinReduce | None:

@@ -14,7 +14,9 @@ from lmc_transfer.demo import PhaseStats, ToyEngine, ToyModel, Workload
 from lmc_transfer.ip_store import IPStore
 from lmc_transfer.layerwise import LayerwiseStore
 from lmc_transfer.mp_store import MPStore
+from lmc_transfer.keys import chunk_keys
 from lmc_transfer.radix import LMCacheMode, LMCRadixCache, Req, TokenSlotAllocator
+from lmc_transfer.radix.lmc_policy import KeyNamespace
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     NUM_SLOTS,
@@ -303,6 +305,24 @@ def test_tp_ranks_never_share_keys(workdir, daemons):
         assert loaded.numel() == 3 * CHUNK
         assert ToyModel(c.kv_buffers).mismatched_tokens(prompt, loaded) == 0
         c.release_host_resources()
+
+
+def test_request_namespaces_get_disjoint_keys_and_the_default_keeps_the_plain_salt(workdir, daemons):
+    cfg, _ = setup("ip", workdir, daemons)
+    cache = new_cache(cfg, seed=12)
+    prompt = tokens(81, 2 * CHUNK)
+    assert KeyNamespace.of(None, None) is None and KeyNamespace.of(None, "") is None
+    assert cache.policy.keys(prompt) == chunk_keys(prompt, CHUNK, cache.policy.salt)
+    spaces = [None, KeyNamespace("lora-a"), KeyNamespace("lora-b"), KeyNamespace(None, "lora-a"),
+              KeyNamespace("lora-a", "tenant")]
+    keys = [set(cache.policy.keys(prompt, ns)) for ns in spaces]
+    assert all(len(k) == 2 for k in keys)
+    assert sum(len(k) for k in keys) == len(set().union(*keys)), "two namespaces share a chunk key"
+    assert cache.policy.keys(prompt, KeyNamespace("lora-a")) == cache.policy.keys(prompt, KeyNamespace.of("lora-a", ""))
+    # This tree has one namespace (its constructor's cache_salt): attaching another is refused.
+    with pytest.raises(ValueError, match="namespace: LMCRadixCache has no per-request namespaces"):
+        cache.attach_loaded(cache.root_node, prompt[:CHUNK], torch.arange(CHUNK), KeyNamespace("lora-a"))
+    cache.release_host_resources()
 
 
 @pytest.mark.parametrize("mode", ["mp", "ip"])

@@ -69,8 +69,9 @@ class Engine:
         )
         self.cache = get_radix_cache_factory(sglang_plugin.BACKEND_NAME)(ctx)
 
-    def match(self, rid: str, prompt_ids: list[int], outputs: int) -> Req:
-        req = Req(rid, "", array("q", prompt_ids), SamplingParams(max_new_tokens=outputs))
+    def match(self, rid: str, prompt_ids: list[int], outputs: int, **namespace: str) -> Req:
+        """``namespace``: SGLang's ``extra_key`` (a LoRA adapter) and/or ``cache_salt``."""
+        req = Req(rid, "", array("q", prompt_ids), SamplingParams(max_new_tokens=outputs), **namespace)
         req.init_next_round_input(self.cache)
         return req
 
@@ -110,8 +111,8 @@ class Engine:
         req.finished_reason = FINISH_LENGTH(length=len(output_ids))
         release_kv_cache(req, self.cache, checkpoint=True)
 
-    def run(self, rid: str, prompt_ids: list[int], output_ids: list[int]) -> Turn:
-        req = self.match(rid, prompt_ids, len(output_ids))
+    def run(self, rid: str, prompt_ids: list[int], output_ids: list[int], **namespace: str) -> Turn:
+        req = self.match(rid, prompt_ids, len(output_ids), **namespace)
         turn = self.admit(req)
         self.finish(req, output_ids)
         return turn
@@ -234,3 +235,30 @@ def test_ip_mode_loads_inside_match_prefix_byte_exact(workdir, engines):
     assert e.run("i4", b, prompt(34, 2)) == Turn(64, 0, 0, 64)
     assert e.slots_accounted()
     assert e.cache.load_back_stats.loaded_tokens == 48 + 16 + 44
+
+
+@pytest.mark.parametrize("mode", ["mp", "ip"])
+def test_lora_and_cache_salt_requests_share_host_kv_only_within_their_namespace(workdir, daemons, engines, mode):
+    config = write_config(workdir, mode=mode)
+    if mode == "mp":
+        start_daemon(daemons, config)
+    e = Engine(config, seed=7)
+    engines.append(e)
+    a, out = prompt(21, 45), prompt(41, 6)  # 50 KV tokens -> 3 chunks stored per namespace
+    lora = {"extra_key": "adapter-a"}
+    assert e.run("l1", a, out, **lora) == Turn(0, 0, 0, 0)
+    e.evict_all()
+    # The 45-token prompt holds 2 full chunks; IP loads inside match_prefix itself.
+    hit = Turn(0, 32, 32, 32) if mode == "mp" else Turn(32, 0, 0, 32)
+    # Other namespaces miss: no adapter, another adapter, a salt equal to the adapter's name.
+    for rid, namespace in [("n0", {}), ("n1", {"extra_key": "adapter-b"}), ("n2", {"cache_salt": "adapter-a"})]:
+        assert e.run(rid, a, prompt(42, 2), **namespace) == Turn(0, 0, 0, 0), namespace
+        e.evict_all()
+    # The adapter's own requests hit; admit() checks the loaded KV byte for byte.
+    assert e.run("l2", a, prompt(43, 2), **lora) == hit
+    e.evict_all()
+    salted = {"extra_key": "adapter-a", "cache_salt": "tenant-1"}
+    assert e.run("s1", a, out, **salted) == Turn(0, 0, 0, 0)
+    e.evict_all()
+    assert e.run("s2", a, prompt(44, 2), **salted) == hit
+    assert e.slots_accounted()
