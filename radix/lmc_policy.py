@@ -167,7 +167,6 @@ class LMCPolicy:
         self.page_size = page_size
         self._tp_min_reduce = tp_min_reduce
         self._pending_finish: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]] = []
-        self._salts: dict[KeyNamespace, KeySalt] = {}
 
     def keys(self, token_ids: Sequence[int], namespace: KeyNamespace | None = None) -> list[bytes]:
         return chunk_keys(list(token_ids), self.chunk_size, self._salt_for(namespace))
@@ -175,12 +174,9 @@ class LMCPolicy:
     def _salt_for(self, namespace: KeyNamespace | None) -> KeySalt:
         if namespace is None:
             return self.salt
-        salt = self._salts.get(namespace)
-        if salt is None:
-            # The engine's own cache_salt stays part of it; the default namespace keeps the plain salt.
-            tag = json.dumps([self.salt.cache_salt, namespace.tag()])
-            salt = self._salts[namespace] = dataclasses.replace(self.salt, cache_salt=tag)
-        return salt
+        # The engine's own cache_salt stays part of it; the default namespace keeps the plain salt.
+        # Not memoised: one namespace per user (cache_salt) would grow a memo without bound.
+        return dataclasses.replace(self.salt, cache_salt=json.dumps([self.salt.cache_salt, namespace.tag()]))
 
     def tp_agree(self, num_tokens: int) -> int:
         """The prefix length every rank can reach (this rank's when not TP-sharded)."""

@@ -17,6 +17,12 @@ integrations.lmcache_shim`` makes SGLang import them under LMCache's module name
 Verified against SGLang 0.5.20 (``SUPPORTED_SGLANG_VERSIONS``); the config file is
 our YAML (``mode`` is ignored here: SGLang 0.5.20 picks the connector itself).
 
+SGLang 0.5.20 hands the connectors token ids only, never a request's LoRA
+``extra_key`` or ``cache_salt``, so chunk keys could not tell those namespaces
+apart: the first connector built patches SGLang's ``LMCRadixCache`` so that such
+requests skip the host cache (its plain ``RadixCache`` behaviour), and KV is never
+shared across adapters or salts.
+
 Differences a caller can see: loads and stores finish before the call returns
 (an IP layerwise load on CUDA keeps its per-layer copies in flight until
 ``load_kv_layerwise`` reaches the last layer; a second ``start_load_kv`` first
@@ -26,8 +32,10 @@ finishes the previous one); ``StoreMetadata.offset`` must be 0, as SGLang passes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -112,6 +120,44 @@ def _device_len(slot_mapping: torch.Tensor) -> int:
     return int(fresh[0, 0]) if fresh.numel() else int(slot_mapping.numel())
 
 
+_SGLANG_LMC_MODULE = "sglang.srt.mem_cache.storage.lmcache.lmc_radix_cache"
+
+
+def _namespaced(holder: Any) -> bool:
+    """Whether a RadixKey or Req belongs to a namespace the connectors cannot see."""
+    return getattr(holder, "extra_key", None) is not None or bool(getattr(holder, "cache_salt", None))
+
+
+def guard_namespaced_requests() -> bool:
+    """Make SGLang 0.5.20's ``LMCRadixCache`` serve requests with an ``extra_key`` or a
+    ``cache_salt`` from its device tree only (module docstring); idempotent. False when
+    SGLang's module is not loaded (nothing to guard)."""
+    cls = getattr(sys.modules.get(_SGLANG_LMC_MODULE), "LMCRadixCache", None)
+    if cls is None:
+        return False
+    if cls.__dict__.get("_lmc_transfer_guarded"):
+        return True
+    plain = cls.__mro__[1]  # SGLang's RadixCache
+    match_prefix, cache_finished_req = cls.match_prefix, cls.cache_finished_req
+
+    @functools.wraps(match_prefix)
+    def guarded_match_prefix(self: Any, params: Any) -> Any:
+        if _namespaced(params.key):
+            return plain.match_prefix(self, params)
+        return match_prefix(self, params)
+
+    @functools.wraps(cache_finished_req)
+    def guarded_cache_finished_req(self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+        if _namespaced(req):
+            return plain.cache_finished_req(self, req, *args, **kwargs)
+        return cache_finished_req(self, req, *args, **kwargs)
+
+    cls.match_prefix = guarded_match_prefix
+    cls.cache_finished_req = guarded_cache_finished_req
+    cls._lmc_transfer_guarded = True
+    return True
+
+
 class _Connector:
     """What both connectors share: the store, the policy (keys, lookups, stores)."""
 
@@ -126,6 +172,8 @@ class _Connector:
         tp_group: Any,
         page_size: int,
     ) -> None:
+        # SGLang's LMCRadixCache is constructing us: its class exists now.
+        guard_namespaced_requests()
         self.store = store
         self.config = config
         self.sgl_config = sgl_config

@@ -128,9 +128,10 @@ class Engine:
         )
         kvcache.register_layer_transfer_counter(cache.layer_done_executor)
 
-    def run(self, rid: str, prompt_ids: list[int], output_ids: list[int]) -> tuple[int, int, int]:
-        """One request; returns (device prefix at match, host_hit_length, prefix it started from)."""
-        req = Req(rid, "", array("q", prompt_ids), SamplingParams(max_new_tokens=len(output_ids)))
+    def run(self, rid: str, prompt_ids: list[int], output_ids: list[int], **namespace: str) -> tuple[int, int, int]:
+        """One request (``namespace``: SGLang's ``extra_key`` and/or ``cache_salt``); returns
+        (device prefix at match, host_hit_length, prefix it started from)."""
+        req = Req(rid, "", array("q", prompt_ids), SamplingParams(max_new_tokens=len(output_ids)), **namespace)
         req.init_next_round_input(self.cache)
         device_len, host_hit = len(req.prefix_indices), req.host_hit_length
         if req.host_hit_length > 0:
@@ -261,6 +262,26 @@ def test_ip_mode_multi_turn_byte_exact_after_eviction(config_path, engines):
     e.run("i3", a[:20], prompt(23, 3))
     c = b + out2 + prompt(8, 10)
     assert e.run("i4", c, prompt(24, 2)) == (64, 0, 64)
+    assert e.slots_accounted()
+
+
+@pytest.mark.parametrize("ip", [False, True], ids=["mp", "ip"])
+def test_lora_and_salted_requests_never_share_host_kv(config_path, daemon, engines, ip):
+    """The connectors see token ids only: namespaced requests must neither store nor load."""
+    assert lmcache_compat.guard_namespaced_requests() and lmc.LMCRadixCache._lmc_transfer_guarded
+    e = Engine(7, config_path, ip=ip)
+    engines.append(e)
+    a, out = prompt(25, 45), prompt(26, 6)
+    assert e.run("p1", a, out) == (0, 0, 0)  # plain: 3 chunks stored
+    e.evict_all()
+    for rid, namespace in [("l1", {"extra_key": "adapter-a"}), ("c1", {"cache_salt": "tenant-1"})]:
+        assert e.run(rid, a, prompt(27, 2), **namespace) == (0, 0, 0), namespace  # no plain KV
+        e.evict_all()
+    b = a + out + prompt(28, 20)
+    assert e.run("l2", b, prompt(29, 2), extra_key="adapter-a") == (0, 0, 0)  # stored nothing for the adapter
+    e.evict_all()
+    hit = (48, 0, 48) if ip else (0, 48, 48)
+    assert e.run("p2", b, prompt(30, 2)) == hit  # plain requests still hit their own chunks
     assert e.slots_accounted()
 
 

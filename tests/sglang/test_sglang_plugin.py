@@ -9,11 +9,15 @@ calls SGLang's scheduler makes. Only the forward pass is ours (``kv_model``).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import warnings
 from array import array
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ with warnings.catch_warnings():
 
     from lmc_transfer.radix import sglang_plugin
 
-from tests.conftest_mp import start_daemon, write_config
+from tests.conftest_mp import REPO, start_daemon, write_config
 from tests.sglang.kv_model import expected_kv, pool_kv, prompt, write_kv
 from tests.sglang.sgl_env import make_pools, publish_runtime
 
@@ -55,7 +59,7 @@ class Turn:
 class Engine:
     """SGLang's pools and the registry-built cache, driven like SGLang's scheduler drives them."""
 
-    def __init__(self, config_path, seed: int) -> None:
+    def __init__(self, config_path, seed: int, *, tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None) -> None:
         self.pools = make_pools(seed)
         self.pool, self.allocator, self.req_pool = self.pools.pool, self.pools.allocator, self.pools.req_pool
         params = CacheInitParams(
@@ -65,7 +69,7 @@ class Engine:
             server_args=SimpleNamespace(lmcache_config_file=str(config_path)),
             params=params, is_hybrid_swa=False, is_hybrid_ssm=False, enable_hierarchical_cache=False,
             disable_radix_cache=False, tp_worker=None, model_config=SimpleNamespace(model_path="test-model"),
-            tp_size=1, tp_rank=0, tp_group=None,
+            tp_size=tp_size, tp_rank=tp_rank, tp_group=tp_group,
         )
         self.cache = get_radix_cache_factory(sglang_plugin.BACKEND_NAME)(ctx)
 
@@ -262,3 +266,40 @@ def test_lora_and_cache_salt_requests_share_host_kv_only_within_their_namespace(
     e.evict_all()
     assert e.run("s2", a, prompt(44, 2), **salted) == hit
     assert e.slots_accounted()
+
+
+@pytest.mark.parametrize("mode", ["mp", "ip"])
+def test_tp_ranks_agree_on_the_loaded_prefix(workdir, daemons, mode):
+    """Two TP ranks (processes in one gloo group, SGLang's TP cpu_group) load the same prefix;
+    when one rank's store lost it, neither loads (the MIN all-reduce), where rank 0 alone would."""
+    config = write_config(workdir, mode=mode)
+    if mode == "mp":
+        start_daemon(daemons, config)
+    (workdir / "model").mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.sglang.tp_worker", "--rank", str(rank), "--world", "2",
+             "--init-file", str(workdir / "rendezvous"), "--config", str(config),
+             "--model-dir", str(workdir / "model"), "--mode", mode],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=100)
+            assert proc.returncode == 0, f"rank {procs.index(proc)} failed:\n{err[-3000:]}"
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert outputs[0] == outputs[1]
+    turns = {name: Turn(**turn) for name, turn in outputs[0].items()}
+    assert turns["stored"] == Turn(0, 0, 0, 0)
+    # The 45-token prompt holds 2 full chunks; IP loads inside match_prefix.
+    assert turns["all_ranks_hold_it"] == (Turn(0, 32, 32, 32) if mode == "mp" else Turn(32, 0, 0, 32))
+    if mode == "ip":
+        assert turns["one_rank_lost_it"] == Turn(0, 0, 0, 0)
