@@ -13,8 +13,9 @@ contents instead of staying unchanged.
 
 ``auto`` (``AutoRule``): staged for a gather (store) moving at least 128 MiB through whole
 chunks, and for a scatter (load) of at least 512 MiB; zero-copy otherwise. Measured on an H200
-(benchmarks/RESULTS.md): zero-copy is ahead for small transfers (91% vs 75% of memcpy at 256
-tokens), staged ahead on an idle GPU from 2048 tokens (95-97% vs 92-94%); beside a compute
+(benchmarks/RESULTS.md, commit b82885f): zero-copy is ahead for small transfers (88-90% vs 69-76%
+of memcpy at 256 tokens), staged mostly ahead on an idle GPU from 2048 tokens (91-95% vs 88-94%;
+96-98% vs 91-95% at 8192); beside a compute
 stream staged stores hid better than zero-copy ones, while zero-copy loads with a small program
 cap hid completely, so loads switch to staged only where the idle-GPU gain is largest.
 
