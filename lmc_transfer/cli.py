@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from lmc_transfer.config import ConfigError, load_config
+from lmc_transfer.config import load_config
 from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
 from lmc_transfer.protocol import MsgType
 
@@ -85,8 +85,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout-ms", type=int, default=1000, help="how long to wait for the daemon (default 1000)")
+
+
 def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    _client_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the raw STATS reply as JSON")
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
@@ -109,9 +118,10 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "server": Subcommand("run the MP cache daemon in the foreground", _cmd_server),
+    "server": Subcommand("run the MP cache daemon in the foreground", _cmd_server, _server_arguments),
     "stats": Subcommand("print the daemon's counters", _cmd_stats, _stats_arguments),
-    "ping": Subcommand("exit 0 if the daemon answers within --timeout-ms (liveness probe)", _cmd_ping),
+    "ping": Subcommand("exit 0 if the daemon answers within --timeout-ms (liveness probe)", _cmd_ping,
+                       _client_arguments),
     # The demo has a default config (the example MP one on a private socket).
     "demo": Subcommand("end-to-end demo: a toy engine serving multi-turn chats through the cache", _cmd_demo,
                        _demo_arguments, config_required=False),
@@ -126,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=command.config_required, default=None,
                        help="YAML config file" + ("" if command.config_required else
                                                   " (default: configs/example_config_mp.yaml)"))
-        p.add_argument("--timeout-ms", type=int, default=1000, help="how long to wait for the daemon (default 1000)")
-        p.add_argument("--log-level", default="INFO")
         if command.add_arguments is not None:
             command.add_arguments(p)
     return parser
@@ -137,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except ConfigError as exc:
-        print(f"lmc-transfer: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a bad config (ConfigError) or a bad argument value
+        print(f"lmc-transfer {args.command}: {exc}", file=sys.stderr)
         return 2
     except (DaemonUnavailable, DaemonError) as exc:
         print(f"lmc-transfer {args.command}: {exc}", file=sys.stderr)

@@ -13,6 +13,9 @@ Writes are behind: ``submit`` only queues (key, slab, generation) in a bounded
 queue; the writer thread copies the slab, re-checks its generation (the pool
 bumps it before a slab can be rewritten, so an unchanged generation means the
 copy is intact) and writes the file. A full queue drops the write and counts it.
+The writer fsyncs what it wrote (files, then the directory) at most
+``sync_interval_s`` after the first unsynced write, and on close: a power loss
+takes at most that much of the tier (what it does take is caught as above).
 The budget ``max_bytes`` is kept by deleting least recently used files.
 """
 
@@ -25,6 +28,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +66,7 @@ class DiskStats:
     dropped: int  # writes lost to a full queue or a slab reused before the write
     corrupt: int  # files deleted because they failed verification
     loads: int
+    synced: int  # files fsynced
 
 
 class DiskTier:
@@ -77,9 +82,13 @@ class DiskTier:
         slab_bytes: int,
         *,
         queue_size: int = 256,
+        sync_interval_s: float = 1.0,
     ) -> None:
         if not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        if not sync_interval_s > 0:
+            raise ValueError(f"sync_interval_s must be > 0, got {sync_interval_s!r}")
+        self._sync_interval_s = sync_interval_s
         self.directory = Path(root) / digest.hex()[:32]
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
@@ -90,7 +99,7 @@ class DiskTier:
         self._file_bytes = _HEADER.size + slab_bytes
         self._lock = threading.Lock()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
-        self._written = self._dropped = self._corrupt = self._loads = 0
+        self._written = self._dropped = self._corrupt = self._loads = self._synced = 0
         self._queue: queue.Queue[tuple[bytes, int, int] | None] = queue.Queue(maxsize=queue_size)
         self._rebuild()
         self._thread = threading.Thread(target=self._writer, name="lmct-disk-writer", daemon=True)
@@ -195,12 +204,25 @@ class DiskTier:
                 self._dropped += 1
 
     def _writer(self) -> None:
+        unsynced: list[Path] = []
+        sync_at = 0.0
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=max(0.0, sync_at - time.monotonic()) if unsynced else None)
+            except queue.Empty:
+                self._sync(unsynced)
+                continue
             try:
                 if item is None:
+                    self._sync(unsynced)
                     return
-                self._write(*item)
+                path = self._write(*item)
+                if path is not None:
+                    if not unsynced:
+                        sync_at = time.monotonic() + self._sync_interval_s
+                    unsynced.append(path)
+                if unsynced and time.monotonic() >= sync_at:  # a steady stream of writes never times out
+                    self._sync(unsynced)
             except Exception:  # a full disk must not kill the writer thread
                 log.exception("disk tier: write failed")
                 with self._lock:
@@ -208,16 +230,39 @@ class DiskTier:
             finally:
                 self._queue.task_done()
 
-    def _write(self, key: bytes, slab_id: int, generation: int) -> None:
+    def _sync(self, paths: list[Path]) -> None:
+        """fsync ``paths`` (those still there: eviction may have deleted some) and the directory."""
+        if not paths:
+            return
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._synced += len(paths)
+        paths.clear()
+
+    def _write(self, key: bytes, slab_id: int, generation: int) -> Path | None:
+        """Write one chunk file; returns its path, or None when nothing was written."""
         with self._lock:
             if key in self._index or self._file_bytes > self.max_bytes:
-                return
+                return None
         start = slab_id * self._slab_bytes
         payload = self._data[start : start + self._slab_bytes].numpy().tobytes()
         if int(self._gens[slab_id]) != generation:
             with self._lock:
                 self._dropped += 1  # the slab was handed out again before we copied it
-            return
+            return None
         header = _HEADER.pack(_MAGIC, FORMAT_VERSION, 0, len(payload), self._digest, key, _checksum(payload))
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
@@ -229,13 +274,14 @@ class DiskTier:
             self._evict_to_fit(self._file_bytes)
             self._index[key] = None
             self._written += 1
+        return path
 
     def flush(self) -> None:
         """Wait until every queued write has landed."""
         self._queue.join()
 
     def close(self) -> None:
-        """Flush and stop the writer thread; idempotent."""
+        """Flush, fsync and stop the writer thread; idempotent."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -250,4 +296,5 @@ class DiskTier:
                 dropped=self._dropped,
                 corrupt=self._corrupt,
                 loads=self._loads,
+                synced=self._synced,
             )

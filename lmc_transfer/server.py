@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ from typing import Any, Callable
 
 import zmq
 
-from lmc_transfer.config import LMCTransferConfig, default_mp_socket, load_config
+from lmc_transfer.config import ConfigError, LMCTransferConfig, default_mp_socket, load_config
 from lmc_transfer.disk_tier import DiskTier, geometry_digest
 from lmc_transfer.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
 from lmc_transfer.kernels import KVGeometry
@@ -367,6 +368,7 @@ class CacheDaemon:
                     segment.data,
                     segment.generations,
                     slab_bytes,
+                    sync_interval_s=self.config.disk_flush_interval_s,
                 )
             if self.config.remote_url is not None:
                 remote = RemoteSync(
@@ -641,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(load_config(args.config))
+    except ConfigError as exc:
+        print(f"python -m lmc_transfer.server: {exc}", file=sys.stderr)
+        return 2
     except (AlreadyRunning, PermissionError) as exc:
         log.error("%s", exc)
         return 1

@@ -19,7 +19,8 @@ of memcpy at 256 tokens), staged mostly ahead on an idle GPU from 2048 tokens (9
 stream staged stores hid better than zero-copy ones, while zero-copy loads with a small program
 cap hid completely, so loads switch to staged only where the idle-GPU gain is largest.
 
-On CPU tensors every path is the torch reference, synchronous.
+On CPU tensors every path is synchronous: the torch reference, or the Triton kernel in the
+interpreter under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations

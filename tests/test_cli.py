@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmc_transfer.cli import SUBCOMMANDS, build_parser
+from lmc_transfer.cli import SUBCOMMANDS, build_parser, main
+from lmc_transfer.server import main as server_main
 
 
 def test_demo_runs_without_a_config_and_the_daemon_commands_require_one(capsys: pytest.CaptureFixture[str]) -> None:
@@ -16,3 +17,26 @@ def test_demo_runs_without_a_config_and_the_daemon_commands_require_one(capsys: 
             parser.parse_args([name])
         assert exc.value.code == 2
         assert "the following arguments are required: --config" in capsys.readouterr().err
+
+
+def test_each_subcommand_takes_only_the_flags_it_uses() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["ping", "--config", "c", "--timeout-ms", "5"]).timeout_ms == 5
+    assert parser.parse_args(["stats", "--config", "c", "--timeout-ms", "5", "--json"]).json is True
+    assert parser.parse_args(["server", "--config", "c", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    for argv in (["server", "--config", "c", "--timeout-ms", "5"], ["ping", "--config", "c", "--log-level", "INFO"],
+                 ["demo", "--timeout-ms", "5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_a_bad_value_is_one_line_and_exit_status_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: 0\n")
+    assert main(["ping", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"lmc-transfer ping: {bad}: chunk_size: expected an integer >= 1, got 0"
+    assert main(["demo", "--turns", "0"]) == 2
+    assert capsys.readouterr().err.startswith("lmc-transfer demo: ")
+    assert server_main(["--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m lmc_transfer.server: {bad}: chunk_size: expected an integer >= 1, got 0")

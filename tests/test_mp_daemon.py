@@ -329,6 +329,37 @@ def test_disk_tier_budget_is_lru_and_survives_reopen(tmp_path):
         reopened.close()
 
 
+def test_disk_tier_fsyncs_within_the_interval_and_on_close(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    slab = 256
+    data = torch.randint(0, 256, (2 * slab,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    gens = np.ones(2, dtype=np.uint64)
+    tier = DiskTier(tmp_path, 10 * (120 + slab), bytes(32), data, gens, slab, sync_interval_s=0.1)
+    keys = [bytes([7]) * 32, bytes([8]) * 32]
+    first, second = (str(tier.directory / (k.hex() + ".kv")) for k in keys)
+    try:
+        tier.submit(keys[0], 0)
+        tier.flush()
+        deadline = time.monotonic() + 5
+        while tier.stats().synced < 1:  # the writer is idle: the interval's timeout syncs
+            assert time.monotonic() < deadline, "a written chunk was never fsynced"
+            time.sleep(0.01)
+        assert synced == [first, str(tier.directory)]  # the file, then the directory (its rename)
+        tier.submit(keys[1], 1)
+    finally:
+        tier.close()  # syncs what is still pending
+    assert tier.stats().synced == 2 and synced[2:] == [second, str(tier.directory)]
+    with pytest.raises(ValueError, match="sync_interval_s must be > 0, got 0"):
+        DiskTier(tmp_path, 1024, bytes(32), data, gens, slab, sync_interval_s=0)
+
+
 def test_cli_ping_and_stats(workdir, daemons):
     cfg = write_config(workdir)
 

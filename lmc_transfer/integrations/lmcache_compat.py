@@ -14,7 +14,8 @@ are ours: ``LMCacheMPConnector`` talks to an lmc-transfer daemon (``MPStore``),
 the lookup/store rules of ``lmc_transfer.radix.lmc_policy``. ``lmc_transfer.
 integrations.lmcache_shim`` makes SGLang import them under LMCache's module names.
 
-Verified against SGLang 0.5.20 (``SUPPORTED_SGLANG_VERSIONS``); the config file is
+Verified against SGLang 0.5.20 (``SUPPORTED_SGLANG_VERSIONS``): a connector built under
+another release raises ``SGLangUnavailable`` naming it. The config file is
 our YAML (``mode`` is ignored here: SGLang 0.5.20 picks the connector itself).
 
 SGLang 0.5.20 hands the connectors token ids only, never a request's LoRA
@@ -43,6 +44,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lmc_transfer.config import LMCTransferConfig, Mode, load_config
+from lmc_transfer.integrations.sglang_import import load_sglang
 from lmc_transfer.ip_store import IPStore
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt
@@ -121,6 +123,11 @@ def _device_len(slot_mapping: torch.Tensor) -> int:
 
 
 _SGLANG_LMC_MODULE = "sglang.srt.mem_cache.storage.lmcache.lmc_radix_cache"
+
+
+def _check_sglang_release() -> None:
+    """SGLangUnavailable, naming the installed release, unless it is one these connectors were verified on."""
+    load_sglang(SUPPORTED_SGLANG_VERSIONS, "lmc_transfer.integrations.lmcache_compat")
 
 
 def _namespaced(holder: Any) -> bool:
@@ -231,6 +238,7 @@ class LMCacheMPConnector(_Connector):
         *,
         config: LMCTransferConfig | None = None,
     ) -> None:
+        _check_sglang_release()
         from lmc_transfer.mp_store import MPStore  # zmq only where MP is used
 
         if config is None:
@@ -320,6 +328,7 @@ class LMCacheLayerwiseConnector(_Connector):
         page_size: int = 1,
         tp_group: Optional[Any] = None,
     ) -> None:
+        _check_sglang_release()
         config = lmcache_get_config(config_file)
         buffers = _buffers(k_pool, v_pool, kv_caches if use_mla or kv_caches is not None else None)
         super().__init__(IPStore(config, buffers), buffers, config, sgl_config, tp_size, rank, tp_group, page_size)

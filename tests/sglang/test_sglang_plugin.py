@@ -303,3 +303,13 @@ def test_tp_ranks_agree_on_the_loaded_prefix(workdir, daemons, mode):
     assert turns["all_ranks_hold_it"] == (Turn(0, 32, 32, 32) if mode == "mp" else Turn(32, 0, 0, 32))
     if mode == "ip":
         assert turns["one_rank_lost_it"] == Turn(0, 0, 0, 0)
+
+
+def test_lmcache_compat_connectors_refuse_this_release_naming_it():
+    from lmc_transfer.integrations import lmcache_compat
+
+    refused = r"supports SGLang 0\.5\.20; the installed SGLang is 0\.5\.23 "
+    with pytest.raises(SGLangUnavailable, match=refused):
+        lmcache_compat.LMCacheMPConnector(None, 1, 0, 1, "127.0.0.1", 1, [], [])
+    with pytest.raises(SGLangUnavailable, match=refused):
+        lmcache_compat.LMCacheLayerwiseConnector(None, 1, 0, "unused.yaml")
