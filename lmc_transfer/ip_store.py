@@ -11,6 +11,7 @@ a lookup that misses fills the rest of its prefix from there (lmc_transfer.remot
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Callable, Sequence
@@ -201,7 +202,7 @@ class IPStore(CacheStore):
     def stats(self) -> StoreStats:
         pool_stats = self.pool.stats()
         with self._stats_lock:
-            out = StoreStats(**{**vars(self._stats), "extra": dict(self._stats.extra)})
+            out = dataclasses.replace(self._stats, extra=dict(self._stats.extra))
         out.evictions = pool_stats.evictions
         out.extra.update(
             num_slabs=pool_stats.num_slabs,

@@ -24,6 +24,7 @@ an id the new daemon reuses. One lock makes the store safe to share between thre
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -457,19 +458,8 @@ class MPStore(CacheStore):
 
     def stats(self) -> StoreStats:
         with self._lock:
-            s = self._stats
-            return StoreStats(
-                lookups=s.lookups,
-                hit_chunks=s.hit_chunks,
-                miss_chunks=s.miss_chunks,
-                loaded_bytes=s.loaded_bytes,
-                stored_chunks=s.stored_chunks,
-                stored_bytes=s.stored_bytes,
-                dedup_chunks=s.dedup_chunks,
-                dropped_chunks=s.dropped_chunks,
-                evictions=s.evictions,
-                generation_misses=s.generation_misses,
-                extra={"connected": float(self._session is not None), "sessions": float(self._reconnects)},
+            return dataclasses.replace(
+                self._stats, extra={"connected": float(self._session is not None), "sessions": float(self._reconnects)}
             )
 
     def daemon_stats(self) -> dict[str, Any] | None:

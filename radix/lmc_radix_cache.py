@@ -364,11 +364,14 @@ class LMCRadixCache(RadixCache):
     # ----- eviction, cleanup -----
 
     def evict(self, num_tokens: int) -> int:
+        self._settle_before_evict()
+        return super().evict(num_tokens)
+
+    def _settle_before_evict(self) -> None:
         if not self.disable:
             # Loads still landing write into slots that eviction would hand out again.
             self.finish_loads()
             self._reap_stores(block=True)
-        return super().evict(num_tokens)
 
     def evictable_size(self) -> int:
         self._reap_stores(block=False)

@@ -92,6 +92,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
     _timed_load_back = LMCRadixCache._timed_load_back
     _ip_load_back = LMCRadixCache._ip_load_back
     _reap_stores = LMCRadixCache._reap_stores
+    _settle_before_evict = LMCRadixCache._settle_before_evict
     _settle_all = LMCRadixCache._settle_all
     _new_transfer = LMCRadixCache._new_transfer
     _open_store = LMCRadixCache._open_store
@@ -233,10 +234,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         """SGLang's ``EvictParams``; a token count is accepted too (the policy's ``LoadBackTree``)."""
         if isinstance(params, int):
             params = EvictParams(num_tokens=params)
-        if not self.disable:
-            # Loads still landing write into slots that eviction would hand out again.
-            self.finish_loads()
-            self._reap_stores(block=True)
+        self._settle_before_evict()
         return super().evict(params)
 
     def evictable_size(self) -> int:
