@@ -6,6 +6,7 @@ Import only after ``load_sglang`` made ``sglang.srt.mem_cache`` importable.
 from __future__ import annotations
 
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.sglang.kv_model import DIM, HEADS, LAYERS
+from tests.sglang.kv_model import DIM, HEADS, LAYERS, write_kv
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 NUM_SLOTS = 256
@@ -32,6 +34,36 @@ class KVPools:
     def slots_accounted(self, tree_size: int) -> bool:
         """Idle engine: every slot is either free or owned by the tree."""
         return self.allocator.available_size() + tree_size == NUM_SLOTS
+
+    def compute_rest(self, cache: Any, req: Any, prefix: torch.Tensor, tokens: list[int], output_ids: list[int]) -> None:
+        """The forward pass past ``prefix`` as SGLang leaves a finished request: slots for every token
+        but the last sampled one (evicting from ``cache`` when short), the request's token row, their KV."""
+        kv_len = len(tokens) - 1  # the last sampled token has no KV yet
+        need = kv_len - prefix.numel()
+        if self.allocator.available_size() < need:
+            cache.evict(EvictParams(num_tokens=need - self.allocator.available_size()))
+        new = self.allocator.alloc(need)
+        assert new is not None
+        self.req_pool.alloc([req])
+        row = torch.cat([prefix, new])
+        self.req_pool.write((req.kv.req_pool_idx, slice(0, kv_len)), row.to(torch.int32))
+        write_kv(self.pool, tokens[:kv_len], prefix.numel(), new)
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = kv_len
+        req.output_ids = array("q", output_ids)
+
+
+class Engine:
+    """What the tiers' engines share: SGLang pools (``self.pools``) under a cache (``self.cache``)."""
+
+    pools: KVPools
+    cache: Any
+
+    def evict_all(self) -> None:
+        self.cache.evict(EvictParams(num_tokens=10**9))
+        assert self.cache.total_size() == 0
+
+    def slots_accounted(self) -> bool:
+        return self.pools.slots_accounted(self.cache.total_size())
 
 
 def make_pools(seed: int) -> KVPools:

@@ -39,14 +39,15 @@ install_lmcache_shim()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from sglang.srt.managers.schedule_batch import Req
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
+    from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.common import release_kv_cache
     from sglang.srt.mem_cache.storage.lmcache import lmc_radix_cache as lmc
     from sglang.srt.sampling.sampling_params import SamplingParams
 
 from tests.conftest_mp import Daemon, write_config
-from tests.sglang.kv_model import LAYERS, expected_kv, pool_kv, prompt, write_kv
+from tests.sglang.kv_model import LAYERS, expected_kv, pool_kv, prompt
+from tests.sglang import sgl_env
 from tests.sglang.sgl_env import make_pools, publish_runtime
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(120)]
@@ -100,7 +101,7 @@ def daemon(config_path):
         d.cleanup_leftovers()
 
 
-class Engine:
+class Engine(sgl_env.Engine):
     """SGLang 0.5.20's pools and its LMCRadixCache, driven like its scheduler drives them."""
 
     def __init__(self, seed: int, config_path: Path, ip: bool = False) -> None:
@@ -146,28 +147,9 @@ class Engine:
         tokens = list(prompt_ids) + list(output_ids)
         assert torch.equal(pool_kv(self.pools.pool, prefix), expected_kv(tokens[: prefix.numel()]))
 
-        kv_len = len(tokens) - 1  # the last sampled token has no KV yet
-        allocator = self.pools.allocator
-        need = kv_len - prefix.numel()
-        if allocator.available_size() < need:
-            self.cache.evict(EvictParams(num_tokens=need - allocator.available_size()))
-        new = allocator.alloc(need)
-        assert new is not None
-        self.pools.req_pool.alloc([req])
-        row = torch.cat([prefix, new])
-        self.pools.req_pool.write((req.kv.req_pool_idx, slice(0, kv_len)), row.to(torch.int32))
-        write_kv(self.pools.pool, tokens[:kv_len], prefix.numel(), new)
-        req.kv.kv_allocated_len = req.kv.kv_committed_len = kv_len
-        req.output_ids = array("q", output_ids)
+        self.pools.compute_rest(self.cache, req, prefix, tokens, list(output_ids))
         release_kv_cache(req, self.cache, is_insert=True)
         return device_len, host_hit, int(prefix.numel())
-
-    def evict_all(self) -> None:
-        self.cache.evict(EvictParams(num_tokens=10**9))
-        assert self.cache.total_size() == 0
-
-    def slots_accounted(self) -> bool:
-        return self.pools.slots_accounted(self.cache.total_size())
 
     def close(self) -> None:
         self.cache.lmcache_connector.close()

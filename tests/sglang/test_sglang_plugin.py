@@ -32,7 +32,7 @@ except SGLangUnavailable as exc:
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
+    from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.common import release_kv_cache
     from sglang.srt.mem_cache.radix_cache import RadixCache
@@ -42,7 +42,8 @@ with warnings.catch_warnings():
     from lmc_transfer.radix import sglang_plugin
 
 from tests.conftest_mp import REPO, start_daemon, write_config
-from tests.sglang.kv_model import expected_kv, pool_kv, prompt, write_kv
+from tests.sglang.kv_model import expected_kv, pool_kv, prompt
+from tests.sglang import sgl_env
 from tests.sglang.sgl_env import make_pools, publish_runtime
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(120)]
@@ -56,14 +57,14 @@ class Turn:
     prefix_len: int  # what the request started from
 
 
-class Engine:
+class Engine(sgl_env.Engine):
     """SGLang's pools and the registry-built cache, driven like SGLang's scheduler drives them."""
 
     def __init__(self, config_path, seed: int, *, tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None) -> None:
         self.pools = make_pools(seed)
-        self.pool, self.allocator, self.req_pool = self.pools.pool, self.pools.allocator, self.pools.req_pool
         params = CacheInitParams(
-            disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.allocator, page_size=1
+            disable=False, req_to_token_pool=self.pools.req_pool, token_to_kv_pool_allocator=self.pools.allocator,
+            page_size=1,
         )
         ctx = TreeCacheBuildContext(
             server_args=SimpleNamespace(lmcache_config_file=str(config_path)),
@@ -93,25 +94,13 @@ class Engine:
         req.lock = self.cache.lock(req.last_node)
         prefix = self.cache.prefix_device_indices(req)
         tokens = list(req.origin_input_ids)
-        assert torch.equal(pool_kv(self.pool, prefix), expected_kv(tokens[: req.prefix_len]))
+        assert torch.equal(pool_kv(self.pools.pool, prefix), expected_kv(tokens[: req.prefix_len]))
         return Turn(device_len, host_hit, loaded, req.prefix_len)
 
     def finish(self, req: Req, output_ids: list[int]) -> None:
         """Compute the rest (prompt tail and all outputs but the last), then release like SGLang does."""
         prefix = self.cache.prefix_device_indices(req)
-        tokens = list(req.origin_input_ids) + output_ids
-        kv_len = len(tokens) - 1  # the last sampled token has no KV yet
-        need = kv_len - req.prefix_len
-        if self.allocator.available_size() < need:
-            self.cache.evict(EvictParams(num_tokens=need - self.allocator.available_size()))
-        new = self.allocator.alloc(need)
-        assert new is not None
-        self.req_pool.alloc([req])
-        row = torch.cat([prefix, new])
-        self.req_pool.write((req.kv.req_pool_idx, slice(0, kv_len)), row.to(torch.int32))
-        write_kv(self.pool, tokens[:kv_len], req.prefix_len, new)
-        req.kv.kv_allocated_len = req.kv.kv_committed_len = kv_len
-        req.output_ids = array("q", output_ids)
+        self.pools.compute_rest(self.cache, req, prefix, list(req.origin_input_ids) + output_ids, output_ids)
         req.finished_reason = FINISH_LENGTH(length=len(output_ids))
         release_kv_cache(req, self.cache, checkpoint=True)
 
@@ -120,13 +109,6 @@ class Engine:
         turn = self.admit(req)
         self.finish(req, output_ids)
         return turn
-
-    def evict_all(self) -> None:
-        self.cache.evict(EvictParams(num_tokens=10**9))
-        assert self.cache.total_size() == 0
-
-    def slots_accounted(self) -> bool:
-        return self.pools.slots_accounted(self.cache.total_size())
 
     def close(self) -> None:
         self.cache.release_host_resources()
@@ -154,7 +136,7 @@ def test_registry_builds_backend_subclassing_sglang_radix_cache(workdir, engines
     assert isinstance(cache, RadixCache)
     assert cache.mode is sglang_plugin.LMCacheMode.IP
     # IP mode: SGLang's KV pool calls our counter before each layer.
-    assert engines[0].pool.layer_transfer_counter is cache.layer_transfer_counter
+    assert engines[0].pools.pool.layer_transfer_counter is cache.layer_transfer_counter
 
 
 def test_multi_turn_prefixes_come_back_from_daemon_byte_exact(workdir, daemons, engines):
