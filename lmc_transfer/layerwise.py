@@ -29,7 +29,7 @@ from lmc_transfer.kernels.stream_wait import StreamWaitError, stream_wait_suppor
 from lmc_transfer.store import CacheStore, Lease, LoadResult, Reservation, check_loaded_slots, check_saved_slots
 from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _check_slots(slots: torch.Tensor, needed: int, what: str) -> None:
@@ -174,7 +174,7 @@ class LayerTransferCounter:
             for i in range(self._waited + 1, layer + 1):
                 wait_counter(current, done, i, self._layer_target)
         except StreamWaitError as exc:
-            logger.warning("layer waits fell back to waiting for the whole load: %s", exc)
+            log.warning("layer waits fell back to waiting for the whole load: %s", exc)
             self._signals = False
             current.wait_event(self._events[-1])
 
