@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from lmc_transfer.config import LMCTransferConfig
-from lmc_transfer.ip_store import IPStore
+from lmc_transfer.store.ip import IPStore
 from lmc_transfer.keys import KeySalt, chunk_keys
-from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
+from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 from .bench_transfer_gpu import CHUNK, LLAMA, NUM_SLOTS, _buffers
 from .gpu_timing import RESULTS, cuda_median_ms, gbps, memcpy_ms

@@ -15,7 +15,7 @@ import torch
 
 from lmc_transfer.config import load_config
 from lmc_transfer.keys import KeySalt, chunk_keys
-from lmc_transfer.mp_store import MPStore
+from lmc_transfer.store.mp_client import MPStore
 from tests.conftest_mp import Daemon, daemons, workdir, write_config  # noqa: F401  (fixtures)
 
 from .bench_transfer_gpu import CHUNK, LLAMA, NUM_SLOTS, _buffers

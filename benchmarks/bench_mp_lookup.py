@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lmc_transfer.config import load_config
-from lmc_transfer.mp_store import MPStore
+from lmc_transfer.store.mp_client import MPStore
 from lmc_transfer.keys import KeySalt, chunk_keys
 from tests.conftest_mp import Daemon, make_buffers, write_config
 

@@ -23,7 +23,7 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from lmc_transfer.remote_tier import RemoteTier, encode_value  # noqa: E402
+from lmc_transfer.tiers.remote import RemoteTier, encode_value  # noqa: E402
 from tests.test_remote_tier import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmc_transfer.kernels import Direction, KVBuffers
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 from .gpu_timing import RESULTS, cuda_median_ms, gbps, memcpy_ms
 

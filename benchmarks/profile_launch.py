@@ -12,7 +12,7 @@ import time
 import torch
 
 from lmc_transfer.kernels import Direction
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 from .bench_transfer_gpu import CHUNK, LLAMA, _host_slabs, _slots
 

@@ -42,7 +42,7 @@ def _run_rank(args: argparse.Namespace) -> None:
     """One engine process: store (phase 'store') or load-and-verify (phase 'load')."""
     from lmc_transfer.config import load_config
     from lmc_transfer.keys import KeySalt, chunk_keys
-    from lmc_transfer.mp_store import MPStore
+    from lmc_transfer.store.mp_client import MPStore
 
     torch.cuda.set_device(args.rank)
     num_slots = 2 * args.tokens

@@ -2,41 +2,48 @@
 
 This package imports nothing from the rest of lmc-transfer, so other engines can
 reuse it on its own (see README, "Using the kernels in another engine").
+
+``KVGeometry`` and ``LayoutKind`` (kernels/geometry.py) need no torch: the MP daemon
+uses them to size its pool without importing torch or Triton. Everything else here
+is imported on first use of its name.
 """
 
-from .copy_kernel import (
-    DEFAULT_MAX_PROGRAMS,
-    Backend,
-    CopyPlan,
-    Direction,
-    SlotErrorFlag,
-    SlotRangeError,
-    gather,
-    layer_signal_count,
-    plan_copy,
-    run_copy,
-    scatter,
-    word_offsets,
-)
-from .layout import ACCESS_BYTES, KVBuffers, KVGeometry, LayoutKind
-from .reference import reference_copy
+from __future__ import annotations
 
-__all__ = [
-    "ACCESS_BYTES",
-    "DEFAULT_MAX_PROGRAMS",
-    "Backend",
-    "CopyPlan",
-    "Direction",
-    "KVBuffers",
-    "KVGeometry",
-    "LayoutKind",
-    "SlotErrorFlag",
-    "SlotRangeError",
-    "gather",
-    "layer_signal_count",
-    "plan_copy",
-    "reference_copy",
-    "run_copy",
-    "scatter",
-    "word_offsets",
-]
+import importlib
+from typing import Any
+
+from .geometry import ACCESS_BYTES, KVGeometry, LayoutKind
+
+# name -> the submodule that defines it; imported when the name is first used.
+_LAZY = {
+    "DEFAULT_MAX_PROGRAMS": "copy_kernel",
+    "Backend": "copy_kernel",
+    "CopyPlan": "copy_kernel",
+    "Direction": "copy_kernel",
+    "SlotErrorFlag": "copy_kernel",
+    "SlotRangeError": "copy_kernel",
+    "gather": "copy_kernel",
+    "layer_signal_count": "copy_kernel",
+    "plan_copy": "copy_kernel",
+    "run_copy": "copy_kernel",
+    "scatter": "copy_kernel",
+    "word_offsets": "copy_kernel",
+    "KVBuffers": "layout",
+    "reference_copy": "reference",
+}
+
+__all__ = sorted(["ACCESS_BYTES", "KVGeometry", "LayoutKind", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lmc_transfer.config import load_config
-from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
-from lmc_transfer.protocol import MsgType
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, DaemonUnavailable
+from lmc_transfer.daemon.protocol import MsgType
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def _request(args: argparse.Namespace, msg_type: MsgType) -> dict:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from lmc_transfer.instance import AlreadyRunning
-    from lmc_transfer.server import serve
+    from lmc_transfer.daemon.instance import AlreadyRunning
+    from lmc_transfer.daemon.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -106,13 +106,13 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lmc_transfer import demo
+    from lmc_transfer.demo import run as demo
 
     return demo.run_demo(demo.settings_from_args(args))
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmc_transfer import demo
+    from lmc_transfer.demo import run as demo
 
     demo.add_arguments(parser)
 

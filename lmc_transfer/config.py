@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 DEFAULT_MP_HOST = "127.0.0.1"
 DEFAULT_MP_PORT = 5555
 
-#: Names accepted by ``transfer_path`` (lmc_transfer.transfer.TransferPath values).
+#: Names accepted by ``transfer_path`` (lmc_transfer.transfer.paths.TransferPath values).
 TRANSFER_PATHS = ("auto", "zero_copy", "staged")
 
 _Check = Callable[[Any], Any]
@@ -119,7 +119,7 @@ def _disk_path(v: Any) -> str:
     return v
 
 
-#: URL schemes lmc_transfer.remote_tier accepts (redis-py's, plus cluster variants).
+#: URL schemes lmc_transfer.tiers.remote accepts (redis-py's, plus cluster variants).
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 _TLS_SCHEMES = ("rediss://", "rediss+cluster://")
 
@@ -162,7 +162,7 @@ class LMCTransferConfig:
     max_programs: int | None = _f(None, _optional(_int(1)))
     layer_signals: bool = _f(False, _bool)  # layerwise loads: one launch + per-layer device counters
     allow_remote_tcp: bool = _f(False, _bool)
-    # Remote tier (Redis/Valkey, lmc_transfer.remote_tier); off unless remote_url is set.
+    # Remote tier (Redis/Valkey, lmc_transfer.tiers.remote); off unless remote_url is set.
     remote_url: str | None = _f(None, _optional(_remote_url))
     remote_timeout_ms: int = _f(50, _int(1))  # per remote operation; a LOOKUP may add this much
     remote_ttl_s: float | None = _f(None, _optional(_number(positive=True)))

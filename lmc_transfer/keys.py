@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lmc_transfer.kernels import KVGeometry
+from lmc_transfer.kernels.geometry import KVGeometry
 
 KEY_BYTES = 32
 #: Bumped whenever the key derivation changes, so old disk tiers never match.

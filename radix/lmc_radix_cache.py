@@ -35,16 +35,16 @@ from typing import Any, Sequence
 import torch
 
 from lmc_transfer.config import LMCTransferConfig, Mode, load_config
-from lmc_transfer.ip_store import IPStore
+from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt
-from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore
+from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
 from lmc_transfer.radix.allocator import TokenSlotAllocator
-from lmc_transfer.radix.lmc_policy import HostHit, KeyNamespace, LMCPolicy, LoadBack, LoadOutcome, TpMinReduce
+from lmc_transfer.radix.policy import HostHit, KeyNamespace, LMCPolicy, LoadBack, LoadOutcome, TpMinReduce
 from lmc_transfer.radix.radix_cache import MatchResult, RadixCache, TreeNode
 from lmc_transfer.radix.request import Req
-from lmc_transfer.store import CacheStore, Lease
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.store.base import CacheStore, Lease
+from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +441,7 @@ class LMCRadixCache(RadixCache):
 
     def _open_store(self, config: LMCTransferConfig, buffers: KVBuffers) -> CacheStore:
         if self._mode is LMCacheMode.MP:
-            from lmc_transfer.mp_store import MPStore  # zmq only where MP is used
+            from lmc_transfer.store.mp_client import MPStore  # zmq only where MP is used
 
             return MPStore(config, buffers)
         return IPStore(config, buffers)

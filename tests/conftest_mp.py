@@ -24,12 +24,12 @@ import torch
 import yaml
 
 from lmc_transfer.config import LMCTransferConfig, load_config
-from lmc_transfer.instance import DaemonInstance, runtime_stem
+from lmc_transfer.daemon.instance import DaemonInstance, runtime_stem
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt, chunk_keys
-from lmc_transfer.mp_store import DaemonConnection, DaemonError, DaemonUnavailable
-from lmc_transfer.protocol import MsgType
-from lmc_transfer.shm import segment_exists, unlink_segment
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, DaemonUnavailable
+from lmc_transfer.daemon.protocol import MsgType
+from lmc_transfer.daemon.shm import segment_exists, unlink_segment
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 16
@@ -114,7 +114,7 @@ class Daemon:
         self.log_path = config_path.with_suffix(".log")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmc_transfer.server", "--config", str(config_path)],
+            [sys.executable, "-m", "lmc_transfer.daemon", "--config", str(config_path)],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -242,7 +242,7 @@ def run_engine(*args: str, timeout: float = 60.0) -> dict:
 
 def engine_store(config: LMCTransferConfig, seed: int, chunks: int) -> dict:
     """One engine's life: store the prompt of ``seed`` from ``make_buffers(seed)``."""
-    from lmc_transfer.mp_store import MPStore
+    from lmc_transfer.store.mp_client import MPStore
 
     buffers = make_buffers(seed)
     store = MPStore(config, buffers)
@@ -256,7 +256,7 @@ def engine_store(config: LMCTransferConfig, seed: int, chunks: int) -> dict:
 def engine_load(config: LMCTransferConfig, seed: int, chunks: int) -> tuple[dict, bytes]:
     """One engine's life: look up and load the prompt of ``seed`` into fresh random buffers;
     returns the result and the engine's whole KV afterwards (see ``expected_after_load``)."""
-    from lmc_transfer.mp_store import MPStore
+    from lmc_transfer.store.mp_client import MPStore
 
     buffers = make_buffers(seed + FILL_SEED_OFFSET)
     store = MPStore(config, buffers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmc_transfer.cli import SUBCOMMANDS, build_parser, main
-from lmc_transfer.server import main as server_main
+from lmc_transfer.daemon.server import main as server_main
 
 
 def test_demo_runs_without_a_config_and_the_daemon_commands_require_one(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,4 +39,4 @@ def test_a_bad_value_is_one_line_and_exit_status_2(tmp_path, capsys: pytest.Capt
     assert capsys.readouterr().err.startswith("lmc-transfer demo: ")
     assert server_main(["--config", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"python -m lmc_transfer.server: {bad}: chunk_size: expected an integer >= 1, got 0")
+        f"python -m lmc_transfer.daemon: {bad}: chunk_size: expected an integer >= 1, got 0")

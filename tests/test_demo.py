@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lmc_transfer import demo
-from lmc_transfer.layerwise import LayerTransferCounter
+from lmc_transfer.demo import run as demo
+from lmc_transfer.transfer.layerwise import LayerTransferCounter
 from tests.conftest_mp import REPO
 
 pytestmark = pytest.mark.timeout(120)

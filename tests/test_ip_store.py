@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmc_transfer.config import GB, LMCTransferConfig
-from lmc_transfer.ip_store import IPStore
+from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import KVBuffers, LayoutKind, SlotRangeError
 from lmc_transfer.keys import chunk_keys
 

@@ -21,7 +21,7 @@ from lmc_transfer.kernels import (
     run_copy,
     scatter,
 )
-from lmc_transfer.transfer import AutoRule, Transfer, TransferPath
+from lmc_transfer.transfer.paths import AutoRule, Transfer, TransferPath
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, clone_buffers, make_buffers, random_slabs
 

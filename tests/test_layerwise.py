@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lmc_transfer.config import GB, LMCTransferConfig
-from lmc_transfer.ip_store import IPStore
+from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import LayoutKind, SlotRangeError
 from lmc_transfer.keys import chunk_keys
-from lmc_transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
-from lmc_transfer.store import Reservation
-from lmc_transfer.transfer import Transfer
+from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
+from lmc_transfer.store.base import Reservation
+from lmc_transfer.transfer.paths import Transfer
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, make_buffers
 from .test_ip_store import CS, SALT, FakeClock, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from lmc_transfer.config import ConfigError, load_config
-from lmc_transfer.demo import PhaseStats, ToyEngine, ToyModel, Workload
-from lmc_transfer.ip_store import IPStore
-from lmc_transfer.layerwise import LayerwiseStore
-from lmc_transfer.mp_store import MPStore
+from lmc_transfer.demo.toy_engine import PhaseStats, ToyEngine, ToyModel, Workload
+from lmc_transfer.store.ip import IPStore
+from lmc_transfer.transfer.layerwise import LayerwiseStore
+from lmc_transfer.store.mp_client import MPStore
 from lmc_transfer.keys import chunk_keys
 from lmc_transfer.radix import LMCacheMode, LMCRadixCache, Req, TokenSlotAllocator
-from lmc_transfer.radix.lmc_policy import KeyNamespace
+from lmc_transfer.radix.policy import KeyNamespace
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     NUM_SLOTS,

@@ -19,11 +19,11 @@ import torch
 import zmq
 
 from lmc_transfer.config import LMCTransferConfig, load_config
-from lmc_transfer.disk_tier import DiskTier, geometry_digest
-from lmc_transfer.mp_store import DaemonConnection, DaemonError, MPStore
-from lmc_transfer.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
-from lmc_transfer.server import check_bind_address
-from lmc_transfer.shm import SharedSegment, segment_exists
+from lmc_transfer.tiers.disk import DiskTier, geometry_digest
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, MPStore
+from lmc_transfer.daemon.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
+from lmc_transfer.daemon.server import check_bind_address
+from lmc_transfer.daemon.shm import SharedSegment, segment_exists
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     REPO,
@@ -434,7 +434,7 @@ def test_default_runtime_dir_writable_by_others_is_refused(workdir):
     (workdir / "lmc-transfer").chmod(0o777)
     cfg = write_config(workdir, mp_socket=None)
     out = subprocess.run(
-        [sys.executable, "-m", "lmc_transfer.server", "--config", str(cfg)],
+        [sys.executable, "-m", "lmc_transfer.daemon", "--config", str(cfg)],
         cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir),
     )
     assert out.returncode == 1
@@ -443,7 +443,7 @@ def test_default_runtime_dir_writable_by_others_is_refused(workdir):
     assert not (workdir / "lmc-transfer" / "daemon.sock").exists()
 
 
-@pytest.mark.parametrize("entry", [["-m", "lmc_transfer.server"], ["-m", "lmc_transfer.cli", "server"]])
+@pytest.mark.parametrize("entry", [["-m", "lmc_transfer.daemon"], ["-m", "lmc_transfer.cli", "server"]])
 def test_second_daemon_on_the_same_endpoint_refuses_to_start(workdir, daemons, entry):
     cfg = write_config(workdir)
     first = start_daemon(daemons, cfg)
@@ -469,7 +469,7 @@ def test_second_daemon_on_the_same_tcp_port_refuses_to_start(workdir, daemons):
     cfg = write_config(workdir, mp_socket=None, mp_host="127.0.0.1", mp_port=_free_port())
     first = start_daemon(daemons, cfg)
     out = subprocess.run(
-        [sys.executable, "-m", "lmc_transfer.server", "--config", str(cfg)],
+        [sys.executable, "-m", "lmc_transfer.daemon", "--config", str(cfg)],
         cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir),
     )
     assert out.returncode == 1

@@ -13,8 +13,8 @@ import zmq
 
 from lmc_transfer.config import load_config
 from lmc_transfer.kernels import SlotRangeError
-from lmc_transfer.mp_store import DaemonConnection, DaemonUnavailable, MPStore
-from lmc_transfer.protocol import PROTOCOL_VERSION, MsgType
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonUnavailable, MPStore
+from lmc_transfer.daemon.protocol import PROTOCOL_VERSION, MsgType
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     LAYERS,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmc_transfer.pool import PoolStats, SlabPool
+from lmc_transfer.store.pool import PoolStats, SlabPool
 
 SLAB = 32
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lmc_transfer.config import load_config
-from lmc_transfer.mp_store import MPStore
-from lmc_transfer.promoter import Deferred, Promoter
-from lmc_transfer.server import CacheDaemon
+from lmc_transfer.store.mp_client import MPStore
+from lmc_transfer.daemon.promoter import Deferred, Promoter
+from lmc_transfer.daemon.server import CacheDaemon
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     make_buffers,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmc_transfer.protocol import (
+from lmc_transfer.daemon.protocol import (
     KEY_BYTES,
     MAX_HEADER_BYTES,
     MAX_KEYS,
@@ -27,7 +27,7 @@ from lmc_transfer.protocol import (
     encode_reply,
     encode_request,
 )
-from lmc_transfer.shm import SLAB_ALIGN, SharedSegment, segment_bytes, segment_exists
+from lmc_transfer.daemon.shm import SLAB_ALIGN, SharedSegment, segment_bytes, segment_exists
 
 KEYS = tuple(bytes([i]) * KEY_BYTES for i in range(3))
 

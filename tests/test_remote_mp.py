@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("redis")
 
-from lmc_transfer.disk_tier import geometry_digest  # noqa: E402
-from lmc_transfer.mp_store import MPStore  # noqa: E402
-from lmc_transfer.protocol import MsgType  # noqa: E402
+from lmc_transfer.tiers.disk import geometry_digest  # noqa: E402
+from lmc_transfer.store.mp_client import MPStore  # noqa: E402
+from lmc_transfer.daemon.protocol import MsgType  # noqa: E402
 from tests.conftest_mp import (  # noqa: E402, F401  (fixtures)
     CHUNK,
     daemons,
@@ -167,7 +167,7 @@ def test_fetch_failing_after_the_existence_check_is_a_miss(workdir, daemons, tmp
 
 def test_ip_stores_on_two_hosts_share_the_remote_tier(server):
     from lmc_transfer.config import LMCTransferConfig
-    from lmc_transfer.ip_store import IPStore
+    from lmc_transfer.store.ip import IPStore
     from tests.conftest_mp import SLAB_BYTES
 
     config = LMCTransferConfig(

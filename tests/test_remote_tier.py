@@ -16,7 +16,7 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from lmc_transfer.remote_tier import HEADER_BYTES, RemoteTier, TLSOptions, _CircuitBreaker, encode_value  # noqa: E402
+from lmc_transfer.tiers.remote import HEADER_BYTES, RemoteTier, TLSOptions, _CircuitBreaker, encode_value  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [

@@ -1,7 +1,7 @@
 """SGLang 0.5.20's own ``LMCRadixCache`` running on lmc-transfer through the LMCache shim.
 
 ``install_lmcache_shim()`` makes SGLang's ``from lmcache.integration.sglang...``
-imports resolve to ``lmc_transfer.integrations.lmcache_compat``. Requests are
+imports resolve to ``lmc_transfer.integrations.sglang.lmcache_compat``. Requests are
 SGLang ``Req`` objects over SGLang's pools, matched by ``init_next_round_input``,
 loaded by ``init_load_back`` (MP) and released by SGLang's ``release_kv_cache``
 (which calls ``cache_finished_req``). SGLang's CUDA-only stream helpers are
@@ -24,15 +24,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmc_transfer.integrations.sglang_import import SGLangUnavailable, load_sglang
+from lmc_transfer.integrations.sglang.importer import SGLangUnavailable, load_sglang
 
 try:
     load_sglang(("0.5.20",), "the SGLang 0.5.20 test tier")
 except SGLangUnavailable as exc:
     pytest.skip(f"needs SGLang 0.5.20 (ci/run_sglang_tier.sh puts it first on PYTHONPATH): {exc}", allow_module_level=True)
 
-from lmc_transfer.integrations import lmcache_compat
-from lmc_transfer.integrations.lmcache_shim import install_lmcache_shim
+from lmc_transfer.integrations.sglang import lmcache_compat
+from lmc_transfer.integrations.sglang.lmcache_shim import install_lmcache_shim
 
 install_lmcache_shim()
 
@@ -268,23 +268,23 @@ def test_lora_and_salted_requests_never_share_host_kv(config_path, daemon, engin
 
 
 def test_pth_line_installs_shim_in_a_fresh_interpreter():
-    """What ``python -m lmc_transfer.integrations.lmcache_shim install`` puts in site-packages,
+    """What ``python -m lmc_transfer.integrations.sglang.lmcache_shim install`` puts in site-packages,
     run by a new process (SGLang's scheduler is one)."""
     import subprocess
     import sys
 
-    from lmc_transfer.integrations import lmcache_shim
+    from lmc_transfer.integrations.sglang import lmcache_shim
 
     code = lmcache_shim._PTH_LINE + (
         "import lmcache.integration.sglang.utils as u\n"
         "print(u.lmcache_get_config.__module__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "lmc_transfer.integrations.lmcache_compat"
+    assert out.stdout.strip() == "lmc_transfer.integrations.sglang.lmcache_compat"
 
 
 def test_registry_plugin_refuses_this_release_naming_it():
     import importlib
 
     with pytest.raises(SGLangUnavailable, match=r"supports SGLang 0\.5\.23; the installed SGLang is 0\.5\.20 "):
-        importlib.import_module("lmc_transfer.radix.sglang_plugin")
+        importlib.import_module("lmc_transfer.integrations.sglang.plugin")

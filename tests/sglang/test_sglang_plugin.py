@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from lmc_transfer.integrations.sglang_import import SGLangUnavailable, load_sglang
+from lmc_transfer.integrations.sglang.importer import SGLangUnavailable, load_sglang
 
 try:
     load_sglang(("0.5.23",), "the SGLang 0.5.23 test tier")
@@ -39,7 +39,7 @@ with warnings.catch_warnings():
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from lmc_transfer.radix import sglang_plugin
+    from lmc_transfer.integrations.sglang import plugin as sglang_plugin
 
 from tests.conftest_mp import REPO, start_daemon, write_config
 from tests.sglang.kv_model import expected_kv, pool_kv, prompt
@@ -288,7 +288,7 @@ def test_tp_ranks_agree_on_the_loaded_prefix(workdir, daemons, mode):
 
 
 def test_lmcache_compat_connectors_refuse_this_release_naming_it():
-    from lmc_transfer.integrations import lmcache_compat
+    from lmc_transfer.integrations.sglang import lmcache_compat
 
     refused = r"supports SGLang 0\.5\.20; the installed SGLang is 0\.5\.23 "
     with pytest.raises(SGLangUnavailable, match=refused):

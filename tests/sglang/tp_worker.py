@@ -30,7 +30,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
                             world_size=args.world, timeout=timedelta(seconds=60))
     # Imported after the group exists: the test module loads SGLang and skips without it.
-    from lmc_transfer.radix import sglang_plugin
+    from lmc_transfer.integrations.sglang import plugin as sglang_plugin
     from tests.sglang.sgl_env import publish_runtime
     from tests.sglang.test_sglang_plugin import Engine
 

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .store import Lease, Reservation
+from lmc_transfer.store.base import Lease, Reservation
 
 #: ``callback(key, slab_id)``; called with the pool lock held while the slab's bytes
 #: are intact, so it must be quick and must not call back into the pool.

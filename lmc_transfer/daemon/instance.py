@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from lmc_transfer.config import DEFAULT_MP_PORT, LMCTransferConfig, default_mp_socket
-from lmc_transfer.shm import unlink_segment
+from lmc_transfer.daemon.shm import unlink_segment
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ Importing this module registers the backend with the installed SGLang; SGLang
 
 (``--lmcache-config-file lmc.yaml`` works instead of the variable.) SGLang imports
 this module in each of its processes through the ``sglang.srt.plugins`` entry point
-``lmc_transfer = "lmc_transfer.radix.sglang_plugin:register"``.
+``lmc_transfer = "lmc_transfer.integrations.sglang.plugin:register"``.
 
 ``LMCSGLangRadixCache`` subclasses SGLang's own ``RadixCache`` and adds the host
-cache with the rules of ``lmc_transfer.radix.lmc_policy`` (the same ones our
+cache with the rules of ``lmc_transfer.radix.policy`` (the same ones our
 ``LMCRadixCache`` uses):
 
 - MP (``mode: mp``): ``match_prefix`` LOOKUPs past the device prefix and reports
@@ -44,11 +44,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from lmc_transfer.config import LMCTransferConfig
-from lmc_transfer.integrations.sglang_import import import_mem_cache
+from lmc_transfer.integrations.sglang.importer import import_mem_cache
 from lmc_transfer.kernels import KVBuffers
-from lmc_transfer.radix.lmc_policy import KeyNamespace, TpMinReduce
+from lmc_transfer.radix.policy import KeyNamespace, TpMinReduce
 from lmc_transfer.radix.lmc_radix_cache import LMCacheMode, LMCRadixCache, _LoadBackMarker
-from lmc_transfer.store import CacheStore
+from lmc_transfer.store.base import CacheStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ BACKEND_NAME = "lmc_transfer"
 #: Environment variable naming the YAML config (wins over ``--lmcache-config-file``).
 CONFIG_ENV = "LMC_TRANSFER_CONFIG"
 
-_FEATURE = "lmc_transfer.radix.sglang_plugin"
+_FEATURE = "lmc_transfer.integrations.sglang.plugin"
 _radix = import_mem_cache("radix_cache", SUPPORTED_SGLANG_VERSIONS, _FEATURE)
 _base = importlib.import_module("sglang.srt.mem_cache.base_prefix_cache")
 _registry = importlib.import_module("sglang.srt.mem_cache.registry")

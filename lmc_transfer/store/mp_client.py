@@ -39,7 +39,7 @@ import zmq
 
 from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.kernels import KVBuffers
-from lmc_transfer.protocol import (
+from lmc_transfer.daemon.protocol import (
     ErrorCode,
     MsgType,
     ProtocolError,
@@ -48,8 +48,8 @@ from lmc_transfer.protocol import (
     decode_reply,
     encode_request,
 )
-from lmc_transfer.shm import SharedSegment
-from lmc_transfer.store import (
+from lmc_transfer.daemon.shm import SharedSegment
+from lmc_transfer.store.base import (
     CacheStore,
     Lease,
     LoadResult,
@@ -58,7 +58,7 @@ from lmc_transfer.store import (
     check_loaded_slots,
     check_saved_slots,
 )
-from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
+from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 

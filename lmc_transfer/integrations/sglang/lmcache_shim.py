@@ -1,4 +1,4 @@
-"""Serve ``lmcache.integration.sglang.*`` from ``lmc_transfer.integrations.lmcache_compat``.
+"""Serve ``lmcache.integration.sglang.*`` from ``lmc_transfer.integrations.sglang.lmcache_compat``.
 
 SGLang 0.5.20's ``LMCRadixCache`` imports its connectors from LMCache's module
 paths. ``install_lmcache_shim()`` puts a finder first on ``sys.meta_path`` that
@@ -8,8 +8,8 @@ shadows a real LMCache for those names. This module imports nothing heavy, so a
 ``.pth`` line can install the finder in every Python process of an environment
 (SGLang starts its scheduler in child processes)::
 
-    python -m lmc_transfer.integrations.lmcache_shim install    # writes the .pth
-    python -m lmc_transfer.integrations.lmcache_shim uninstall
+    python -m lmc_transfer.integrations.sglang.lmcache_shim install    # writes the .pth
+    python -m lmc_transfer.integrations.sglang.lmcache_shim uninstall
 
 The compat module itself (torch, the stores) is imported only when SGLang imports
 one of the LMCache modules.
@@ -33,9 +33,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "lmcache.integration.sglang.utils": ("lmcache_get_config",),
 }
 _PACKAGES = ("lmcache", "lmcache.integration", "lmcache.integration.sglang")
-_COMPAT = "lmc_transfer.integrations.lmcache_compat"
+_COMPAT = "lmc_transfer.integrations.sglang.lmcache_compat"
 PTH_NAME = "lmc_transfer_lmcache_shim.pth"
-_PTH_LINE = "import lmc_transfer.integrations.lmcache_shim as _s; _s.install_lmcache_shim()\n"
+_PTH_LINE = "import lmc_transfer.integrations.sglang.lmcache_shim as _s; _s.install_lmcache_shim()\n"
 
 
 class _LMCacheShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -83,7 +83,7 @@ def pth_path() -> Path:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmc_transfer.integrations.lmcache_shim")
+    parser = argparse.ArgumentParser(prog="python -m lmc_transfer.integrations.sglang.lmcache_shim")
     parser.add_argument("action", choices=["install", "uninstall"], help="add or remove the .pth line in this environment")
     args = parser.parse_args(argv)
     path = pth_path()

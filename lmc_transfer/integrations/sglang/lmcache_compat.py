@@ -11,7 +11,7 @@ lmc_radix_cache.py`` (``LMCRadixCache``); it imports
 The classes here keep those constructors and methods, but keys, leases and copies
 are ours: ``LMCacheMPConnector`` talks to an lmc-transfer daemon (``MPStore``),
 ``LMCacheLayerwiseConnector`` owns an in-process pool (``IPStore``), and both use
-the lookup/store rules of ``lmc_transfer.radix.lmc_policy``. ``lmc_transfer.
+the lookup/store rules of ``lmc_transfer.radix.policy``. ``lmc_transfer.
 integrations.lmcache_shim`` makes SGLang import them under LMCache's module names.
 
 Verified against SGLang 0.5.20 (``SUPPORTED_SGLANG_VERSIONS``): a connector built under
@@ -44,14 +44,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lmc_transfer.config import LMCTransferConfig, Mode, load_config
-from lmc_transfer.integrations.sglang_import import load_sglang
-from lmc_transfer.ip_store import IPStore
+from lmc_transfer.integrations.sglang.importer import load_sglang
+from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import KeySalt
-from lmc_transfer.layerwise import LayerTransferCounter
-from lmc_transfer.radix.lmc_policy import HostHit, LMCPolicy, TpMinReduce
-from lmc_transfer.store import CacheStore
-from lmc_transfer.transfer import Transfer, TransferPath
+from lmc_transfer.transfer.layerwise import LayerTransferCounter
+from lmc_transfer.radix.policy import HostHit, LMCPolicy, TpMinReduce
+from lmc_transfer.store.base import CacheStore
+from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ _SGLANG_LMC_MODULE = "sglang.srt.mem_cache.storage.lmcache.lmc_radix_cache"
 
 def _check_sglang_release() -> None:
     """SGLangUnavailable, naming the installed release, unless it is one these connectors were verified on."""
-    load_sglang(SUPPORTED_SGLANG_VERSIONS, "lmc_transfer.integrations.lmcache_compat")
+    load_sglang(SUPPORTED_SGLANG_VERSIONS, "lmc_transfer.integrations.sglang.lmcache_compat")
 
 
 def _namespaced(holder: Any) -> bool:
@@ -239,7 +239,7 @@ class LMCacheMPConnector(_Connector):
         config: LMCTransferConfig | None = None,
     ) -> None:
         _check_sglang_release()
-        from lmc_transfer.mp_store import MPStore  # zmq only where MP is used
+        from lmc_transfer.store.mp_client import MPStore  # zmq only where MP is used
 
         if config is None:
             with _loaded_lock:

@@ -1,6 +1,6 @@
 """The MP-mode cache daemon: one slab pool in shared memory, served over ZMQ.
 
-    python -m lmc_transfer.server --config configs/example_config_mp.yaml
+    python -m lmc_transfer.daemon --config configs/example_config_mp.yaml
     lmc-transfer server --config configs/example_config_mp.yaml
 
 Endpoint: ``config.mp_url`` (rules in lmc_transfer.config): an ipc socket by
@@ -9,7 +9,7 @@ default directory must be private to this user), or ``tcp://<mp_host>:<mp_port>`
 when those are set, which must be a loopback address unless ``allow_remote_tcp``
 is true. One daemon per endpoint: a second one refuses to start, and a daemon
 killed with -9 has its shared-memory segment unlinked by the next one
-(lmc_transfer.instance).
+(lmc_transfer.daemon.instance).
 
 The pool does not exist until the first HELLO: its geometry (and so the slab size)
 comes from the engine. The segment then holds ``max_local_cpu_size // slab_bytes``
@@ -20,7 +20,7 @@ instead of using lease or slab ids that mean something else now.
 
 The loop is single-threaded: requests are handled one at a time (each is a few
 dictionary operations). A LOOKUP that must bring chunks up from the disk or the
-remote tier is handed to one promotion thread (lmc_transfer.promoter) and answered
+remote tier is handed to one promotion thread (lmc_transfer.daemon.promoter) and answered
 when it is done, so slow tier I/O never delays other clients; a promotion stops
 after half of ``lookup_timeout_ms`` and answers with what it has. Leases and
 reservations expire (``lease_ttl_s``), so a dead engine pins nothing for long.
@@ -47,12 +47,12 @@ from typing import Any, Callable
 import zmq
 
 from lmc_transfer.config import ConfigError, LMCTransferConfig, default_mp_socket, load_config
-from lmc_transfer.disk_tier import DiskTier, geometry_digest
-from lmc_transfer.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
-from lmc_transfer.kernels import KVGeometry
-from lmc_transfer.pool import SlabPool
-from lmc_transfer.promoter import Deferred, Promoter
-from lmc_transfer.protocol import (
+from lmc_transfer.tiers.disk import DiskTier, geometry_digest
+from lmc_transfer.daemon.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
+from lmc_transfer.kernels.geometry import KVGeometry
+from lmc_transfer.store.pool import SlabPool
+from lmc_transfer.daemon.promoter import Deferred, Promoter
+from lmc_transfer.daemon.protocol import (
     MAX_HEADER_BYTES,
     ErrorCode,
     ProtocolError,
@@ -67,11 +67,11 @@ from lmc_transfer.protocol import (
     encode_reply,
     is_int,
 )
-from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
-from lmc_transfer.shm import SharedSegment
-from lmc_transfer.store import Lease
+from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
+from lmc_transfer.daemon.shm import SharedSegment
+from lmc_transfer.store.base import Lease
 
-log = logging.getLogger("lmc_transfer.server")
+log = logging.getLogger("lmc_transfer.daemon.server")
 
 #: Frames above this size make ZMQ drop the connection before we see them (memory
 #: guard); anything smaller that breaks the protocol gets an error reply.
@@ -636,7 +636,7 @@ def serve(config: LMCTransferConfig, *, stop: threading.Event | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmc_transfer.server", description="Run the lmc-transfer MP cache daemon.")
+    parser = argparse.ArgumentParser(prog="python -m lmc_transfer.daemon", description="Run the lmc-transfer MP cache daemon.")
     parser.add_argument("--config", required=True, help="YAML config file (see configs/example_config_mp.yaml)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -644,13 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(load_config(args.config))
     except ConfigError as exc:
-        print(f"python -m lmc_transfer.server: {exc}", file=sys.stderr)
+        print(f"python -m lmc_transfer.daemon: {exc}", file=sys.stderr)
         return 2
     except (AlreadyRunning, PermissionError) as exc:
         log.error("%s", exc)
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

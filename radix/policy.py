@@ -31,10 +31,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from lmc_transfer.keys import KeySalt, chunk_keys
-from lmc_transfer.layerwise import LayerwiseStore
+from lmc_transfer.transfer.layerwise import LayerwiseStore
 from lmc_transfer.radix.allocator import TokenSlotAllocator
-from lmc_transfer.store import CacheStore, Lease
-from lmc_transfer.transfer import Transfer
+from lmc_transfer.store.base import CacheStore, Lease
+from lmc_transfer.transfer.paths import Transfer
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 Host memory is one pinned buffer when the KV buffers are on CUDA (so the kernels
 can address it), plain CPU memory otherwise. Copies run through a ``Transfer`` on
 a private stream and are waited for before ``load``/``save`` return; for copies
-that must overlap the forward pass use ``lmc_transfer.layerwise``.
+that must overlap the forward pass use ``lmc_transfer.transfer.layerwise``.
 
 With ``remote_url`` set, commits are written behind to the Redis remote tier and
-a lookup that misses fills the rest of its prefix from there (lmc_transfer.remote_sync).
+a lookup that misses fills the rest of its prefix from there (lmc_transfer.tiers.remote_sync).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lmc_transfer.disk_tier import geometry_digest
+from lmc_transfer.tiers.disk import geometry_digest
 from lmc_transfer.kernels import Direction, KVBuffers
-from lmc_transfer.layerwise import chunk_slots, lease_slots
-from lmc_transfer.pool import SlabPool
-from lmc_transfer.remote_sync import RemoteSync, build_remote_tier
-from lmc_transfer.store import (
+from lmc_transfer.transfer.layerwise import chunk_slots, lease_slots
+from lmc_transfer.store.pool import SlabPool
+from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
+from lmc_transfer.store.base import (
     CacheStore,
     Lease,
     LoadResult,
@@ -33,9 +33,9 @@ from lmc_transfer.store import (
     check_loaded_slots,
     check_saved_slots,
 )
-from lmc_transfer.transfer import PreparedTransfer, Transfer, TransferPath
+from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
-from .config import LMCTransferConfig
+from lmc_transfer.config import LMCTransferConfig
 
 
 class IPStore(CacheStore):

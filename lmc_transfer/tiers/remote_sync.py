@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lmc_transfer.config import LMCTransferConfig
-from lmc_transfer.pool import SlabPool
+from lmc_transfer.store.pool import SlabPool
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RemoteSyncStats:
 
 def build_remote_tier(config: LMCTransferConfig, namespace: bytes):  # -> RemoteTier
     """A RemoteTier from the config's remote_* fields (redis is imported only here)."""
-    from lmc_transfer.remote_tier import RemoteTier, TLSOptions
+    from lmc_transfer.tiers.remote import RemoteTier, TLSOptions
 
     if config.remote_url is None:
         raise ValueError("config.remote_url: expected a Redis URL to build a remote tier, got None")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmc_transfer.kernels import KVGeometry
+from lmc_transfer.kernels.geometry import KVGeometry
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Example configurations, installed as package data (``lmc_transfer.configs``)."""

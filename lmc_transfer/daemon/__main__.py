@@ -1,0 +1,3 @@
+from lmc_transfer.daemon.server import main
+
+raise SystemExit(main())

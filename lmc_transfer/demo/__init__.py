@@ -1,0 +1,1 @@
+"""``lmc-transfer demo``: a toy engine serving multi-turn chats through the cache, every byte checked."""

@@ -1,0 +1,3 @@
+from lmc_transfer.demo.run import main
+
+raise SystemExit(main())

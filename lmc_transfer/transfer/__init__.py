@@ -1,0 +1,1 @@
+"""Engine side: moving KV between GPU slots and host slabs (transfer paths, layerwise scheduling)."""
