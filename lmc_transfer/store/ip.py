@@ -30,9 +30,8 @@ from lmc_transfer.store.base import (
     LoadResult,
     Reservation,
     StoreStats,
-    check_loaded_slots,
-    check_saved_slots,
 )
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 from lmc_transfer.config import LMCTransferConfig

@@ -26,7 +26,8 @@ import torch
 
 from lmc_transfer.kernels import Direction, SlotRangeError
 from lmc_transfer.kernels.stream_wait import StreamWaitError, stream_wait_supported, wait_counter
-from lmc_transfer.store.base import CacheStore, Lease, LoadResult, Reservation, check_loaded_slots, check_saved_slots
+from lmc_transfer.store.base import CacheStore, Lease, LoadResult, Reservation
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 log = logging.getLogger(__name__)
