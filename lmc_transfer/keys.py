@@ -6,6 +6,9 @@ per-tenant ``cache_salt``, so two deployments (or tenants) never share a key.
 Everything is computed from fixed-width little-endian bytes with hashlib, so a
 key is the same in every process and on every machine (no ``hash()``, no
 PYTHONHASHSEED). Only full chunks are keyed.
+
+This module imports no torch (the daemon checks keys with it): a token-id tensor is
+recognised only when torch is already loaded, which it must be for one to exist.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from lmc_transfer.kernels.geometry import KVGeometry
 
+if TYPE_CHECKING:
+    import torch
+
+#: Length of every chunk key, in the pool, on the wire and in every tier's values.
 KEY_BYTES = 32
 #: Bumped whenever the key derivation changes, so old disk tiers never match.
 _KEY_VERSION = 1
@@ -65,9 +71,26 @@ class KeySalt:
         return hashlib.blake2b(blob, digest_size=KEY_BYTES, person=b"lmc-salt").digest()
 
 
+def check_keys(
+    keys: Sequence[bytes], error: type[Exception] = TypeError, *, limit: int | None = None
+) -> tuple[bytes, ...]:
+    """``keys`` as a tuple after checking each is ``KEY_BYTES`` of ``bytes`` and, with
+    ``limit``, that there are at most that many; raises ``error`` naming the first bad key."""
+    out = tuple(keys)
+    if limit is not None and len(out) > limit:
+        raise ValueError(f"keys: at most {limit} keys per call, got {len(out)}")
+    # Whole-sequence checks run in C (a LOOKUP is latency-bound); the loop only finds the culprit.
+    if out and (set(map(type, out)) != {bytes} or set(map(len, out)) != {KEY_BYTES}):
+        for i, key in enumerate(out):
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise error(f"keys[{i}] must be {KEY_BYTES} bytes, got {key!r:.80}")
+    return out
+
+
 def _token_bytes(token_ids: Sequence[int] | np.ndarray | torch.Tensor, count: int) -> bytes:
     """The first ``count`` token ids as little-endian uint32."""
-    if isinstance(token_ids, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.detach().cpu().numpy()
     if isinstance(token_ids, np.ndarray):
         ids = token_ids[:count]

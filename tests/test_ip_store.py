@@ -10,6 +10,7 @@ import torch
 
 from lmc_transfer.config import GB, LMCTransferConfig
 from lmc_transfer.store.ip import IPStore
+from lmc_transfer.store.pool import QUARANTINE_S
 from lmc_transfer.kernels import KVBuffers, LayoutKind, SlotRangeError
 from lmc_transfer.keys import chunk_keys
 
@@ -208,6 +209,8 @@ def test_expired_reservation_is_not_written() -> None:
     store = make_store(num_slabs=2, clock=clock)
     res = store.reserve(keys_for(14, 2))
     clock.now += 30.0
+    assert store.reserve(keys_for(15, 2)).num_chunks == 0  # the expired slabs are quarantined
+    clock.now += QUARANTINE_S
     other = store.reserve(keys_for(15, 2))
     assert sorted(other.slab_ids) == sorted(res.slab_ids)
     views = store.slab_views(other.slab_ids)

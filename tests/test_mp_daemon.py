@@ -1,5 +1,5 @@
 """The cache daemon as a real subprocess: protocol handling, hostile input, expiry,
-STATS, disk tier across restarts, CLI, tcp; plus the disk tier on its own."""
+STATS, disk tier across restarts, CLI, tcp (the disk tier on its own: tests/test_disk_tier.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zmq
 
 from lmc_transfer.config import LMCTransferConfig, load_config
-from lmc_transfer.tiers.disk import DiskTier, geometry_digest
 from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, MPStore
 from lmc_transfer.daemon.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
 from lmc_transfer.daemon.server import check_bind_address
@@ -290,74 +288,6 @@ def test_corrupt_and_torn_disk_files_are_dropped_never_served(workdir, daemons):
     _check_load(d2, 6, 3, hit=1)  # the first HELLO rebuilds the index: the torn file goes
     assert not third.exists() and not second.exists()
     assert d2.stats()["disk"]["corrupt"] == 2
-
-
-def test_disk_tier_budget_is_lru_and_survives_reopen(tmp_path):
-    slab = 256
-    data = torch.randint(0, 256, (4 * slab,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    gens = np.ones(4, dtype=np.uint64)
-    digest = geometry_digest(make_buffers(1).geometry, CHUNK)
-    file_bytes = 120 + slab  # header: magic, version, reserved, length, digest, key, checksum
-    tier = DiskTier(tmp_path, 3 * file_bytes, digest, data, gens, slab)
-    keys = [bytes([i + 1]) * 32 for i in range(4)]
-    for i in range(3):
-        tier.submit(keys[i], i)
-    tier.flush()
-    dest = torch.zeros(slab, dtype=torch.uint8)
-    assert tier.load_into(keys[0], dest) and torch.equal(dest, data[:slab])  # keys[0] now most recent
-    tier.submit(keys[3], 3)
-    tier.flush()
-    assert [tier.contains(k) for k in keys] == [True, False, True, True]
-    assert sorted(f.stat().st_size for f in tier.directory.iterdir()) == [file_bytes] * 3
-    # The writer re-checks the generation after copying: a slab handed out again
-    # between commit and write is not written (driven directly: the race is timing-bound).
-    gens[2] += np.uint64(1)
-    tier._write(bytes([9]) * 32, 2, int(gens[2]) - 1)
-    assert not tier.contains(bytes([9]) * 32)
-    stats = tier.stats()
-    assert (stats.files, stats.bytes, stats.written, stats.dropped, stats.loads) == (3, 3 * file_bytes, 4, 1, 1)
-    tier.close()
-    reopened = DiskTier(tmp_path, 3 * file_bytes, digest, data, gens, slab)
-    try:
-        assert [reopened.contains(k) for k in keys] == [True, False, True, True]
-        dest.fill_(0)
-        assert reopened.load_into(keys[3], dest) and torch.equal(dest, data[3 * slab :])
-        other = DiskTier(tmp_path, 3 * file_bytes, bytes(32), data, gens, slab)  # another geometry
-        assert not other.contains(keys[3])
-        other.close()
-    finally:
-        reopened.close()
-
-
-def test_disk_tier_fsyncs_within_the_interval_and_on_close(tmp_path, monkeypatch):
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    slab = 256
-    data = torch.randint(0, 256, (2 * slab,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    gens = np.ones(2, dtype=np.uint64)
-    tier = DiskTier(tmp_path, 10 * (120 + slab), bytes(32), data, gens, slab, sync_interval_s=0.1)
-    keys = [bytes([7]) * 32, bytes([8]) * 32]
-    first, second = (str(tier.directory / (k.hex() + ".kv")) for k in keys)
-    try:
-        tier.submit(keys[0], 0)
-        tier.flush()
-        deadline = time.monotonic() + 5
-        while tier.stats().synced < 1:  # the writer is idle: the interval's timeout syncs
-            assert time.monotonic() < deadline, "a written chunk was never fsynced"
-            time.sleep(0.01)
-        assert synced == [first, str(tier.directory)]  # the file, then the directory (its rename)
-        tier.submit(keys[1], 1)
-    finally:
-        tier.close()  # syncs what is still pending
-    assert tier.stats().synced == 2 and synced[2:] == [second, str(tier.directory)]
-    with pytest.raises(ValueError, match="sync_interval_s must be > 0, got 0"):
-        DiskTier(tmp_path, 1024, bytes(32), data, gens, slab, sync_interval_s=0)
 
 
 def test_cli_ping_and_stats(workdir, daemons):

@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from lmc_transfer.store.pool import PoolStats, SlabPool
 
@@ -23,7 +22,7 @@ class FakeClock:
 
 
 def make_pool(num_slabs: int = 4, clock: FakeClock | None = None, **kw) -> SlabPool:
-    data = torch.zeros(num_slabs * SLAB, dtype=torch.uint8)
+    data = np.zeros(num_slabs * SLAB, dtype=np.uint8)
     gens = np.zeros(num_slabs, dtype=np.uint64)
     return SlabPool(data, gens, SLAB, clock=clock or FakeClock(), **kw)
 
@@ -40,22 +39,22 @@ def store(pool: SlabPool, keys: list[bytes], ttl: float = 10.0) -> int:
 def test_constructor_validates_arguments() -> None:
     gens = np.zeros(2, dtype=np.uint64)
     with pytest.raises(TypeError, match="data must be a 1-D uint8"):
-        SlabPool(torch.zeros(64, dtype=torch.float32), gens, SLAB)
+        SlabPool(np.zeros(64, dtype=np.float32), gens, SLAB)
     with pytest.raises(TypeError, match="generations must be a 1-D uint64"):
-        SlabPool(torch.zeros(64, dtype=torch.uint8), np.zeros(2, dtype=np.int64), SLAB)
+        SlabPool(np.zeros(64, dtype=np.uint8), np.zeros(2, dtype=np.int64), SLAB)
     with pytest.raises(ValueError, match="slab_bytes must be a positive int, got 0"):
-        SlabPool(torch.zeros(64, dtype=torch.uint8), gens, 0)
+        SlabPool(np.zeros(64, dtype=np.uint8), gens, 0)
     with pytest.raises(ValueError, match="= 64 bytes, got 63"):
-        SlabPool(torch.zeros(63, dtype=torch.uint8), gens, SLAB)
+        SlabPool(np.zeros(63, dtype=np.uint8), gens, SLAB)
     with pytest.raises(ValueError, match="at least one slab"):
-        SlabPool(torch.zeros(64, dtype=torch.uint8), np.zeros(0, dtype=np.uint64), SLAB)
+        SlabPool(np.zeros(64, dtype=np.uint8), np.zeros(0, dtype=np.uint64), SLAB)
 
 
 def test_slab_views_alias_the_buffer() -> None:
-    data = torch.zeros(3 * SLAB, dtype=torch.uint8)
+    data = np.zeros(3 * SLAB, dtype=np.uint8)
     pool = SlabPool(data, np.zeros(3, dtype=np.uint64), SLAB)
-    pool.slab(1).fill_(7)
-    assert data[:SLAB].eq(0).all() and data[SLAB : 2 * SLAB].eq(7).all() and data[2 * SLAB :].eq(0).all()
+    pool.slab(1).fill(7)
+    assert (data[:SLAB] == 0).all() and (data[SLAB : 2 * SLAB] == 7).all() and (data[2 * SLAB :] == 0).all()
     assert pool.num_slabs == 3 and pool.slab_bytes == SLAB
     with pytest.raises(ValueError, match=r"slab_id must be an int in \[0, 3\), got 3"):
         pool.slab(3)
@@ -147,21 +146,62 @@ def test_lease_expiry_unpins() -> None:
     assert pool.stats().pinned_slabs == 0
 
 
-def test_reservation_expiry_frees_slabs_and_commit_after_it_is_refused() -> None:
+def test_reservation_expiry_quarantines_slabs_and_commit_after_it_is_refused() -> None:
     clock = FakeClock()
-    pool = make_pool(2, clock)
+    gens = np.zeros(2, dtype=np.uint64)
+    pool = SlabPool(np.zeros(2 * SLAB, dtype=np.uint8), gens, SLAB, clock=clock, quarantine_s=5.0)
     res = pool.reserve([k(0), k(1)], 1.0)
+    assert res.generations == (1, 1)
     clock.now += 1.0
     assert pool.commit(res.reservation_id) == 0
     assert pool.lookup([k(0)], 1.0).num_chunks == 0
     st = pool.stats()
-    assert st.used_slabs == 0 and st.reservations == 0
-    assert pool.reserve([k(0)], 1.0).num_chunks == 1
+    assert (st.used_slabs, st.reservations, st.quarantined_slabs) == (2, 0, 2)
+    assert gens.tolist() == [2, 2], "an expired reservation's slabs get a new generation"
+    clock.now += 4.999
+    assert pool.reserve([k(0)], 1.0).num_chunks == 0, "quarantined slabs are not handed out"
+    clock.now += 0.001
+    again = pool.reserve([k(0)], 1.0)
+    assert again.num_chunks == 1 and again.generations == (3,)
+    assert pool.stats().quarantined_slabs == 0
+
+
+def test_abort_frees_slabs_at_once() -> None:
+    pool = make_pool(1)
+    pool.abort(pool.reserve([k(0)], 1.0).reservation_id)
+    assert pool.stats().quarantined_slabs == 0 and pool.reserve([k(1)], 1.0).num_chunks == 1
+
+
+def test_stalled_writer_resuming_after_expiry_tears_no_committed_chunk() -> None:
+    """The issue's victim scenario on the pool alone: a writer's reservation expires while it is
+    stalled mid-copy; another client reserves and commits 8 chunks; the stalled writer then
+    finishes its copy into the slabs it was given. No committed chunk may change."""
+    clock = FakeClock()
+    data = np.zeros(16 * SLAB, dtype=np.uint8)
+    pool = SlabPool(data, np.zeros(16, dtype=np.uint64), SLAB, clock=clock)
+    stalled = pool.reserve([k(100 + i) for i in range(8)], 1.0)
+    clock.now += 2.0  # the writer is stopped past its TTL
+    victim_keys = [k(i) for i in range(8)]
+    victim = pool.reserve(victim_keys, 10.0)
+    assert victim.num_chunks == 8
+    rng = np.random.default_rng(5)
+    expected = {}
+    for key, slab_id in zip(victim_keys, victim.slab_ids):
+        expected[key] = rng.integers(0, 256, SLAB, dtype=np.uint8)
+        pool.slab(slab_id)[:] = expected[key]
+    assert pool.commit(victim.reservation_id) == 8
+    for slab_id in stalled.slab_ids:  # the stalled copy resumes
+        pool.slab(slab_id)[:] = 0xEE
+    assert pool.commit(stalled.reservation_id) == 0
+    lease = pool.lookup(victim_keys, 5.0)
+    assert lease.num_chunks == 8
+    wrong = [key for key, slab_id in zip(victim_keys, lease.slab_ids) if not np.array_equal(pool.slab(slab_id), expected[key])]
+    assert wrong == []
 
 
 def test_generation_bumps_on_every_reuse() -> None:
     gens = np.zeros(1, dtype=np.uint64)
-    pool = SlabPool(torch.zeros(SLAB, dtype=torch.uint8), gens, SLAB, clock=FakeClock())
+    pool = SlabPool(np.zeros(SLAB, dtype=np.uint8), gens, SLAB, clock=FakeClock())
     for i in range(5):
         res = pool.reserve([k(i)], 1.0)
         assert res.generations == (i + 1,) and int(gens[0]) == i + 1
@@ -191,8 +231,10 @@ def test_on_commit_callback_and_clear_keeps_pinned() -> None:
 
 def test_argument_validation() -> None:
     pool = make_pool(2)
-    with pytest.raises(TypeError, match="keys\\[1\\]: expected bytes, got str"):
+    with pytest.raises(TypeError, match="keys\\[1\\] must be 32 bytes, got 'x'"):
         pool.lookup([k(0), "x"], 1.0)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="keys\\[0\\] must be 32 bytes, got b'short'"):
+        pool.reserve([b"short"], 1.0)
     with pytest.raises(ValueError, match="ttl_s must be a positive number of seconds, got 0"):
         pool.reserve([k(0)], 0)
     empty = pool.lookup([k(0)], 1.0)

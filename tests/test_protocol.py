@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from lmc_transfer.daemon.protocol import (
     KEY_BYTES,
@@ -184,19 +183,18 @@ def segment():
 
 def test_segment_is_private_aligned_and_shared(segment):
     assert os.stat(f"/dev/shm{segment.name}").st_mode & 0o777 == 0o600
-    assert segment.data.numel() == 5 * 3 * 1024
-    assert segment.data.data_ptr() % SLAB_ALIGN == 0
+    assert segment.data.size == 5 * 3 * 1024 and segment.data.dtype == np.uint8
+    assert segment.data.ctypes.data % SLAB_ALIGN == 0
     assert np.array_equal(segment.generations, np.zeros(5, dtype=np.uint64))
     client = SharedSegment.open(segment.name, 5, 3 * 1024)
     try:
-        g = torch.Generator().manual_seed(3)
-        payload = torch.randint(0, 256, (3 * 1024,), dtype=torch.uint8, generator=g)
-        segment.slab(4).copy_(payload)
+        payload = np.random.default_rng(3).integers(0, 256, 3 * 1024, dtype=np.uint8)
+        segment.slab(4)[:] = payload
         segment.generations[2] = 2**64 - 1
-        assert torch.equal(client.slab(4), payload)
-        assert torch.equal(client.slab(3), torch.zeros(3 * 1024, dtype=torch.uint8))
+        assert np.array_equal(client.slab(4), payload)
+        assert np.array_equal(client.slab(3), np.zeros(3 * 1024, dtype=np.uint8))
         assert client.generations.tolist() == [0, 0, 2**64 - 1, 0, 0]
-        client.slab(0)[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        client.slab(0)[:4] = [1, 2, 3, 4]
         assert segment.slab(0)[:5].tolist() == [1, 2, 3, 4, 0]
     finally:
         client.close()

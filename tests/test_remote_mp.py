@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("redis")
 
-from lmc_transfer.tiers.disk import geometry_digest  # noqa: E402
+from lmc_transfer.tiers.format import geometry_digest  # noqa: E402
 from lmc_transfer.store.mp_client import MPStore  # noqa: E402
 from lmc_transfer.daemon.protocol import MsgType  # noqa: E402
 from tests.conftest_mp import (  # noqa: E402, F401  (fixtures)
@@ -106,6 +106,24 @@ def test_corrupt_value_in_redis_is_rejected_and_never_served(workdir, daemons, s
     assert (remote["corrupt_dropped"], remote["filled"]) == (1, 1)
     assert r.get(key) is None, "the corrupt value is deleted"
     assert r.get(_redis_chunk_key(23, 2)) is not None
+    assert b.stop() == 0 and b.leftovers() == []
+
+
+def test_a_value_copied_under_another_key_is_never_served(workdir, daemons, server):
+    """Another host (or anyone with Redis access) copies valid values to other chunk keys:
+    before values were bound to their key, every copied chunk was served as a hit."""
+    a = start_daemon(daemons, _host(workdir, "a", server))
+    assert engine_store(a.config, 27, 3) == {"committed": 3}
+    assert a.stop() == 0
+    r = server.client()
+    for i in range(3):
+        r.set(_redis_chunk_key(28, i), r.get(_redis_chunk_key(27, i)))  # prompt 28's keys, prompt 27's bytes
+    b = start_daemon(daemons, _host(workdir, "b", server))
+    _check_load(b, 28, 3, hit=0)
+    remote = b.stats()["remote"]
+    assert (remote["corrupt_dropped"], remote["filled"], remote["hits"]) == (1, 0, 0)
+    assert r.get(_redis_chunk_key(28, 0)) is None, "the misplaced value is deleted"
+    _check_load(b, 27, 3, hit=3)  # the originals still serve
     assert b.stop() == 0 and b.leftovers() == []
 
 

@@ -1,22 +1,28 @@
-"""RemoteTier against a real redis-server started on a free loopback port."""
+"""RemoteTier (and RemoteSync's write-behind into it) against a real redis-server started on a
+free loopback port."""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 redis = pytest.importorskip("redis")
 
-from lmc_transfer.tiers.remote import HEADER_BYTES, RemoteTier, TLSOptions, _CircuitBreaker, encode_value  # noqa: E402
+from lmc_transfer.tiers.format import HEADER_BYTES, SlabFormat  # noqa: E402
+from lmc_transfer.tiers.remote import RemoteTier, TLSOptions, _CircuitBreaker  # noqa: E402
+from lmc_transfer.tiers.remote_sync import RemoteSync  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [
@@ -24,9 +30,8 @@ pytestmark = [
     pytest.mark.timeout(60),
 ]
 
-NS_A = b"\x01" * 32
-NS_B = b"\x02" * 32
-GEOM = b"geometry-llama-8b"
+GEOM_A = b"\x01" * 32  # two slab formats (geometry digests): two namespaces
+GEOM_B = b"\x02" * 32
 TIMEOUT_S = 0.2
 SLACK_S = 0.5
 
@@ -122,14 +127,17 @@ def tiers() -> Iterator[list[RemoteTier]]:
             t.close()
 
 
-def _tier(tiers: list[RemoteTier], url: str, **kw) -> RemoteTier:
-    kw.setdefault("namespace", NS_A)
+def _tier(tiers: list[RemoteTier], url: str, size: int, geometry: bytes = GEOM_A, **kw) -> RemoteTier:
     kw.setdefault("timeout_s", TIMEOUT_S)
     kw.setdefault("backoff_initial_s", 0.05)
     kw.setdefault("backoff_max_s", 0.2)
-    t = RemoteTier(url, **kw)
+    t = RemoteTier(url, SlabFormat(geometry, size), **kw)
     tiers.append(t)
     return t
+
+
+def _put(tier: RemoteTier, key: bytes, payload: bytes) -> bool:
+    return tier.put(key, tier.format.encode(key, payload))
 
 
 def _chunks(n: int, size: int, seed: int) -> tuple[list[bytes], list[bytes]]:
@@ -139,168 +147,172 @@ def _chunks(n: int, size: int, seed: int) -> tuple[list[bytes], list[bytes]]:
     return keys, payloads
 
 
-def _redis_key(ns: bytes, key: bytes) -> bytes:
-    return b"lmc:" + ns.hex().encode() + b":c:" + key
+def _redis_key(geometry: bytes, key: bytes) -> bytes:
+    return b"lmc:" + geometry.hex().encode() + b":c:" + key
 
 
 def test_round_trip_byte_exact(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url)
+    tier = _tier(tiers, server.url, 4096 + 7)
     keys, payloads = _chunks(5, 4096 + 7, seed=1)
     for k, p in zip(keys[:4], payloads[:4]):
-        assert tier.put_async(k, memoryview(bytearray(p)), GEOM)
-    assert tier.flush(5)
+        assert _put(tier, k, p)
     assert tier.longest_prefix(keys) == 4
     assert tier.longest_prefix(keys[1:]) == 3
     assert tier.longest_prefix([keys[4]] + keys[:4]) == 0
-    got = tier.fetch(keys, GEOM)
+    got = tier.fetch(keys)
     assert [bytes(g) for g in got] == payloads[:4]
-    stored = server.client().get(_redis_key(NS_A, keys[0]))
-    assert stored == encode_value(payloads[0], GEOM)
+    stored = server.client().get(_redis_key(GEOM_A, keys[0]))
+    assert stored == tier.format.encode(keys[0], payloads[0])
     assert len(stored) == HEADER_BYTES + len(payloads[0])
     s = tier.stats()
-    assert (s.puts, s.put_drops, s.put_errors, s.gets, s.hits, s.corrupt_dropped, s.errors) == (4, 0, 0, 5, 4, 0, 0)
-
-
-def test_put_copies_mutable_buffers(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url)
-    keys, payloads = _chunks(1, 1000, seed=2)
-    buf = bytearray(payloads[0])
-    assert tier.put_async(keys[0], memoryview(buf), GEOM)
-    buf[:] = b"\xff" * len(buf)  # the caller reuses its slab right away
-    assert tier.flush(5)
-    assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads
+    assert (s.puts, s.put_errors, s.gets, s.hits, s.corrupt_dropped, s.errors) == (4, 0, 5, 4, 0, 0)
 
 
 def test_two_hosts_share_one_redis(server: RedisServer, tiers: list[RemoteTier]) -> None:
     keys, payloads = _chunks(3, 65536, seed=3)
-    host_a = _tier(tiers, server.url)
+    host_a = _tier(tiers, server.url, 65536)
     for k, p in zip(keys, payloads):
-        assert host_a.put_async(k, p, GEOM)
-    assert host_a.flush(5)
+        assert _put(host_a, k, p)
     host_a.close()
-    host_b = _tier(tiers, server.url)
+    host_b = _tier(tiers, server.url, 65536)
     assert host_b.longest_prefix(keys) == 3
-    assert [bytes(g) for g in host_b.fetch(keys, GEOM)] == payloads
+    assert [bytes(g) for g in host_b.fetch(keys)] == payloads
 
 
 def test_namespace_isolation(server: RedisServer, tiers: list[RemoteTier]) -> None:
     keys, payloads = _chunks(2, 100, seed=4)
-    a = _tier(tiers, server.url, namespace=NS_A)
-    b = _tier(tiers, server.url, namespace=NS_B)
-    assert a.put_async(keys[0], payloads[0], GEOM)
-    assert b.put_async(keys[0], payloads[1], GEOM)  # same chunk key, other model/tenant
-    assert a.flush(5) and b.flush(5)
-    assert [bytes(g) for g in a.fetch(keys[:1], GEOM)] == [payloads[0]]
-    assert [bytes(g) for g in b.fetch(keys[:1], GEOM)] == [payloads[1]]
+    a = _tier(tiers, server.url, 100, geometry=GEOM_A)
+    b = _tier(tiers, server.url, 100, geometry=GEOM_B)
+    assert _put(a, keys[0], payloads[0])
+    assert _put(b, keys[0], payloads[1])  # same chunk key, another slab format
+    assert [bytes(g) for g in a.fetch(keys[:1])] == [payloads[0]]
+    assert [bytes(g) for g in b.fetch(keys[:1])] == [payloads[1]]
     assert a.longest_prefix(keys[1:]) == 0
 
 
-def _corruptions(value: bytes) -> dict[str, bytes]:
+def _corruptions(value: bytes, other_key_value: bytes) -> dict[str, bytes]:
     flipped = bytearray(value)
     flipped[HEADER_BYTES + 17] ^= 0x01
     wrong_version = bytearray(value)
-    wrong_version[4] += 1
+    wrong_version[8] += 1
+    payload = value[HEADER_BYTES:]
     return {
         "flipped": bytes(flipped),
         "truncated": value[:-1],
         "header_only": value[: HEADER_BYTES - 1],
-        "wrong_geometry": encode_value(value[HEADER_BYTES:], b"another-geometry"),
+        "wrong_geometry": SlabFormat(GEOM_B, len(payload)).encode(value[48:80], payload),
         "wrong_version": bytes(wrong_version),
+        "other_key": other_key_value,  # a valid value, copied under another key
+        "older_format": struct.pack("<4sHH16sQI", b"LMCR", 1, 0, bytes(16), len(payload), 0) + payload,
     }
 
 
-@pytest.mark.parametrize("kind", ["flipped", "truncated", "header_only", "wrong_geometry", "wrong_version"])
-def test_corrupt_value_rejected_counted_deleted(server: RedisServer, tiers: list[RemoteTier], kind: str) -> None:
-    tier = _tier(tiers, server.url)
+@pytest.mark.parametrize(
+    "kind", ["flipped", "truncated", "header_only", "wrong_geometry", "wrong_version", "other_key", "older_format"]
+)
+def test_invalid_value_rejected_counted_deleted(server: RedisServer, tiers: list[RemoteTier], kind: str) -> None:
+    tier = _tier(tiers, server.url, 2048)
     keys, payloads = _chunks(3, 2048, seed=5)
     for k, p in zip(keys, payloads):
-        assert tier.put_async(k, p, GEOM)
-    assert tier.flush(5)
+        assert _put(tier, k, p)
     raw = server.client()
-    bad_key = _redis_key(NS_A, keys[1])
-    raw.set(bad_key, _corruptions(raw.get(bad_key))[kind])
-    got = tier.fetch(keys, GEOM)
+    bad_key = _redis_key(GEOM_A, keys[1])
+    raw.set(bad_key, _corruptions(raw.get(bad_key), raw.get(_redis_key(GEOM_A, keys[2])))[kind])
+    got = tier.fetch(keys)
     assert [bytes(g) for g in got] == payloads[:1]
     assert tier.stats().corrupt_dropped == 1
     assert raw.exists(bad_key) == 0
-    assert raw.get(_redis_key(NS_A, keys[2])) == encode_value(payloads[2], GEOM)
+    assert raw.get(_redis_key(GEOM_A, keys[2])) == tier.format.encode(keys[2], payloads[2])
 
 
-def test_queue_full_drops_without_blocking(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url, max_queue=2, timeout_s=2.0)
-    keys, payloads = _chunks(10, 512, seed=6)
+def _sync(tier: RemoteTier, num_slabs: int, seed: int, **kw) -> tuple[RemoteSync, np.ndarray, np.ndarray]:
+    data = np.random.default_rng(seed).integers(0, 256, num_slabs * tier.format.payload_bytes, dtype=np.uint8)
+    gens = np.ones(num_slabs, dtype=np.uint64)
+    return RemoteSync(tier, data, gens, timeout_s=1.0, **kw), data, gens
+
+
+def test_write_behind_queue_full_drops_without_blocking(server: RedisServer, tiers: list[RemoteTier], caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmc_transfer.tiers.writeback")
+    tier = _tier(tiers, server.url, 512, timeout_s=2.0)
+    sync, data, _ = _sync(tier, 10, seed=6, max_queue=2)
+    keys, _ = _chunks(10, 512, seed=6)
     server.signal(signal.SIGSTOP)  # the writer's first SET hangs until the socket timeout
     try:
-        assert tier.put_async(keys[0], payloads[0], GEOM)
+        sync.on_commit(keys[0], 0)
         deadline = time.monotonic() + 5
-        while tier._queue.qsize():  # wait until the writer holds item 0 in flight
+        while not sync._writes._queue.empty():  # wait until the writer holds item 0 in flight
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        results = []
-        for k, p in zip(keys[1:], payloads[1:]):
+        for i in range(1, 10):
             t0 = time.monotonic()
-            results.append(tier.put_async(k, p, GEOM))
+            sync.on_commit(keys[i], i)
             assert time.monotonic() - t0 < 0.05
-        assert results == [True, True] + [False] * 7
-        assert tier.stats().put_drops == 7
+        s = sync.stats()
+        assert (s.queued, s.queue_full) == (2, 8)
+        assert [r.getMessage() for r in caplog.records] == [
+            "remote-tier: write-behind queue full (2 items); dropping writes until it drains"
+        ]
     finally:
         server.signal(signal.SIGCONT)
-    assert tier.flush(10)
+    assert sync.flush(10)
+    sync.close()
 
 
-def test_queue_byte_budget_drops(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url, max_queue_bytes=1000)
-    keys, payloads = _chunks(1, 1001, seed=7)
-    assert not tier.put_async(keys[0], payloads[0], GEOM)
-    assert tier.stats().put_drops == 1
+def test_write_behind_skips_a_slab_reused_before_its_copy(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    tier = _tier(tiers, server.url, 300)
+    sync, data, gens = _sync(tier, 2, seed=15)
+    keys, _ = _chunks(2, 300, seed=15)
+    sync.on_commit(keys[0], 0)
+    assert sync.flush(5)
+    gens[1] += np.uint64(1)  # handed out again after the commit hook queued it (driven directly)
+    sync._write((keys[1], 1, int(gens[1]) - 1))
+    assert [bytes(g) for g in tier.fetch(keys)] == [data[:300].tobytes()]
+    assert sync.stats().stale == 1 and tier.stats().puts == 1
+    sync.close()
 
 
 def test_ttl_applied_and_expires(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url, ttl_s=30.0)
+    tier = _tier(tiers, server.url, 100, ttl_s=30.0)
     keys, payloads = _chunks(1, 100, seed=8)
-    assert tier.put_async(keys[0], payloads[0], GEOM)
-    assert tier.flush(5)
-    pttl = server.client().pttl(_redis_key(NS_A, keys[0]))
+    assert _put(tier, keys[0], payloads[0])
+    pttl = server.client().pttl(_redis_key(GEOM_A, keys[0]))
     assert 29_000 < pttl <= 30_000
-    short = _tier(tiers, server.url, namespace=NS_B, ttl_s=0.3)
-    assert short.put_async(keys[0], payloads[0], GEOM)
-    assert short.flush(5)
+    short = _tier(tiers, server.url, 100, geometry=GEOM_B, ttl_s=0.3)
+    assert _put(short, keys[0], payloads[0])
     assert short.longest_prefix(keys) == 1
     time.sleep(0.5)
     assert short.longest_prefix(keys) == 0
-    assert short.fetch(keys, GEOM) == []
+    assert short.fetch(keys) == []
 
 
 def test_namespace_byte_budget_trims_oldest(server: RedisServer, tiers: list[RemoteTier]) -> None:
     size = 1000
     value_bytes = HEADER_BYTES + size
-    tier = _tier(tiers, server.url, max_namespace_bytes=3 * value_bytes)
-    other = _tier(tiers, server.url, namespace=NS_B, max_namespace_bytes=3 * value_bytes)
+    tier = _tier(tiers, server.url, size, max_namespace_bytes=3 * value_bytes)
+    other = _tier(tiers, server.url, size, geometry=GEOM_B, max_namespace_bytes=3 * value_bytes)
     keys, payloads = _chunks(5, size, seed=9)
-    assert other.put_async(keys[0], payloads[0], GEOM)
-    for k, p in zip(keys, payloads):
-        assert tier.put_async(k, p, GEOM)
-        assert tier.flush(5)  # one at a time, so write order is age order
-    assert tier.put_async(keys[4], payloads[4], GEOM)  # a rewrite is not counted twice
-    assert tier.flush(5) and other.flush(5)
+    assert _put(other, keys[0], payloads[0])
+    for k, p in zip(keys, payloads):  # one at a time, so write order is age order
+        assert _put(tier, k, p)
+    assert _put(tier, keys[4], payloads[4])  # a rewrite is not counted twice
     raw = server.client()
-    assert [raw.exists(_redis_key(NS_A, k)) for k in keys] == [0, 0, 1, 1, 1]
-    assert int(raw.get(b"lmc:" + NS_A.hex().encode() + b":m:bytes")) == 3 * value_bytes
+    assert [raw.exists(_redis_key(GEOM_A, k)) for k in keys] == [0, 0, 1, 1, 1]
+    assert int(raw.get(b"lmc:" + GEOM_A.hex().encode() + b":m:bytes")) == 3 * value_bytes
     assert tier.stats().evicted == 2
-    assert [bytes(g) for g in other.fetch(keys[:1], GEOM)] == payloads[:1]
+    assert [bytes(g) for g in other.fetch(keys[:1])] == payloads[:1]
 
 
 def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url)
+    tier = _tier(tiers, server.url, 8 << 20)
     keys, payloads = _chunks(8, 8 << 20, seed=10)
     raw = server.client()
     for k, p in zip(keys, payloads):
-        raw.set(_redis_key(NS_A, k), encode_value(p, GEOM))
+        raw.set(_redis_key(GEOM_A, k), tier.format.encode(k, p))
     result: list = []
     done = threading.Event()
 
     def fetch() -> None:
-        result.append(tier.fetch(keys, GEOM))
+        result.append(tier.fetch(keys))
         done.set()
 
     worker = threading.Thread(target=fetch)
@@ -314,13 +326,14 @@ def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers
     assert result[0] == []  # the kill lands while the 64 MiB reply is being read
     assert (tier.stats().errors, tier.stats().hits) == (1, 0)
     t0 = time.monotonic()
-    assert tier.fetch(keys, GEOM) == []
+    assert tier.fetch(keys) == []
     assert tier.longest_prefix(keys) == 0
     assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
 
 
-def test_hung_server_bounded_by_timeout_then_breaker(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url, backoff_initial_s=5.0, backoff_max_s=5.0)
+def test_hung_server_bounded_by_timeout_then_breaker(server: RedisServer, tiers: list[RemoteTier], caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmc_transfer.tiers.remote")
+    tier = _tier(tiers, server.url, 256, backoff_initial_s=5.0, backoff_max_s=5.0)
     keys, payloads = _chunks(4, 256, seed=11)
     assert tier.longest_prefix(keys) == 0  # opens the pooled connection while healthy
     server.signal(signal.SIGSTOP)
@@ -330,28 +343,35 @@ def test_hung_server_bounded_by_timeout_then_breaker(server: RedisServer, tiers:
         assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
         assert tier.stats().errors == 1 and tier.stats().breaker_open
         t0 = time.monotonic()
-        assert tier.fetch(keys, GEOM) == []  # breaker open: no network wait at all
+        assert tier.fetch(keys) == []  # breaker open: no network wait at all
+        assert not _put(tier, keys[0], payloads[0])
         assert time.monotonic() - t0 < 0.05
-        assert tier.stats().skipped == 1
+        assert (tier.stats().skipped, tier.stats().put_errors) == (1, 1)
     finally:
         server.signal(signal.SIGCONT)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"remote tier (namespace {GEOM_A.hex()[:16]}) unavailable (TimeoutError): lookups miss and writes are "
+        "dropped until it answers again"
+    ]
 
 
-def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: list[RemoteTier]) -> None:
-    tier = _tier(tiers, server.url)
-    keys, payloads = _chunks(6, 4 << 20, seed=12)
-    for k, p in zip(keys, payloads):
-        assert tier.put_async(k, p, GEOM)
+def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: list[RemoteTier], caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmc_transfer.tiers.remote")
+    tier = _tier(tiers, server.url, 4 << 20)
+    sync, data, _ = _sync(tier, 6, seed=12)
+    keys, _ = _chunks(6, 4 << 20, seed=12)
+    for i, k in enumerate(keys):
+        sync.on_commit(k, i)
     time.sleep(0.02)
     server.signal(signal.SIGKILL)
     server.proc.wait(timeout=5)
     t0 = time.monotonic()
-    assert tier.flush(5)
+    assert sync.flush(5)
     assert time.monotonic() - t0 < 6 * (TIMEOUT_S + SLACK_S)
     s = tier.stats()
     assert s.puts + s.put_errors == 6 and s.put_errors >= 1
     assert tier.longest_prefix(keys) == 0
-    assert tier.fetch(keys, GEOM) == []
+    assert tier.fetch(keys) == []
 
     server.start()  # same port, empty data set (no persistence)
     deadline = time.monotonic() + 5
@@ -359,21 +379,23 @@ def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: l
         assert time.monotonic() < deadline, "breaker did not close after the restart"
         time.sleep(0.02)
     assert tier.longest_prefix(keys) == 0
-    for k, p in zip(keys[:2], payloads[:2]):
-        assert tier.put_async(k, p, GEOM)
-    assert tier.flush(5)
-    assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads[:2]
+    for i, k in enumerate(keys[:2]):
+        sync.on_commit(k, i)
+    assert sync.flush(5)
+    assert [bytes(g) for g in tier.fetch(keys)] == [data[: 4 << 20].tobytes(), data[4 << 20 : 8 << 20].tobytes()]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "unavailable" in messages[0] and messages[1].endswith("answers again"), messages
+    sync.close()
 
 
 def test_server_down_at_start_degrades_then_connects(tmp_path: Path, tiers: list[RemoteTier]) -> None:
     srv = RedisServer(tmp_path)
     try:
-        tier = _tier(tiers, srv.url)
+        tier = _tier(tiers, srv.url, 64)
         keys, payloads = _chunks(1, 64, seed=13)
         t0 = time.monotonic()
         assert tier.longest_prefix(keys) == 0
-        assert tier.put_async(keys[0], payloads[0], GEOM)
-        assert tier.flush(5)
+        assert not _put(tier, keys[0], payloads[0])
         assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
         assert tier.stats().put_errors == 1
         srv.start()
@@ -381,9 +403,8 @@ def test_server_down_at_start_degrades_then_connects(tmp_path: Path, tiers: list
         while tier.stats().breaker_open:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert tier.put_async(keys[0], payloads[0], GEOM)
-        assert tier.flush(5)
-        assert [bytes(g) for g in tier.fetch(keys, GEOM)] == payloads
+        assert _put(tier, keys[0], payloads[0])
+        assert [bytes(g) for g in tier.fetch(keys)] == payloads
     finally:
         srv.stop()
 
@@ -402,13 +423,12 @@ def test_cluster_url(tmp_path: Path, tiers: list[RemoteTier]) -> None:
         while b"cluster_state:ok" not in raw.execute_command("CLUSTER", "INFO"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        tier = _tier(tiers, f"redis+cluster://127.0.0.1:{srv.port}", max_namespace_bytes=2 * (HEADER_BYTES + 300))
+        tier = _tier(tiers, f"redis+cluster://127.0.0.1:{srv.port}", 300, max_namespace_bytes=2 * (HEADER_BYTES + 300))
         keys, payloads = _chunks(3, 300, seed=14)
         for k, p in zip(keys, payloads):
-            assert tier.put_async(k, p, GEOM)
-            assert tier.flush(5)
+            assert _put(tier, k, p)
         assert tier.longest_prefix(keys[1:]) == 2
-        assert [bytes(g) for g in tier.fetch(keys[1:], GEOM)] == payloads[1:]
+        assert [bytes(g) for g in tier.fetch(keys[1:])] == payloads[1:]
         assert tier.longest_prefix(keys) == 0  # the oldest was trimmed by the budget
         assert tier.stats().errors == 0
     finally:
@@ -416,20 +436,22 @@ def test_cluster_url(tmp_path: Path, tiers: list[RemoteTier]) -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="namespace"):
-        RemoteTier("redis://127.0.0.1:1/0", namespace=b"")
+    fmt = SlabFormat(GEOM_A, 10)
+    with pytest.raises(TypeError, match="slab_format: expected SlabFormat, got bytes"):
+        RemoteTier("redis://127.0.0.1:1/0", GEOM_A)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout_s"):
-        RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, timeout_s=0)
-    with pytest.raises(TypeError, match="namespace"):
-        RemoteTier("redis://127.0.0.1:1/0", namespace="ns")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="tls"):
-        RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A, tls=TLSOptions())
-    tier = RemoteTier("redis://127.0.0.1:1/0", namespace=NS_A)
+        RemoteTier("redis://127.0.0.1:1/0", fmt, timeout_s=0)
+    with pytest.raises(ValueError, match="tls: needs a rediss:// or rediss\\+cluster:// url, got one with scheme 'redis'") as info:
+        RemoteTier("redis://user:hunter2@127.0.0.1:1/0", fmt, tls=TLSOptions())
+    assert "hunter2" not in str(info.value)
+    tier = RemoteTier("redis://127.0.0.1:1/0", fmt)
     try:
-        with pytest.raises(TypeError, match="keys\\[1\\]"):
-            tier.longest_prefix([b"k", "k"])
-        with pytest.raises(TypeError, match="geometry_digest"):
-            tier.fetch([b"k"], b"")
+        with pytest.raises(TypeError, match="keys\\[1\\] must be 32 bytes"):
+            tier.longest_prefix([bytes(32), "k"])
+        with pytest.raises(TypeError, match="keys\\[0\\] must be 32 bytes"):
+            tier.fetch([b"k"])
+        with pytest.raises(ValueError, match="value: expected 114 bytes from slab_format.encode"):
+            tier.put(bytes(32), b"x" * 10)
     finally:
         tier.close()
 

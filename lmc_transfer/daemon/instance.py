@@ -44,17 +44,6 @@ def runtime_stem(config: LMCTransferConfig) -> Path:
     return Path(default_mp_socket()).parent / f"tcp-{host}-{port}"
 
 
-def ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` 0700; refuse one that others could write (they could swap the socket)."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = directory.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise PermissionError(
-            f"runtime directory {directory} must be owned by uid {os.getuid()} and not group/other-writable, "
-            f"got owner uid {st.st_uid} and mode {oct(st.st_mode & 0o777)}"
-        )
-
-
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

@@ -35,8 +35,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lmc_transfer.keys import KEY_BYTES, check_keys
+
 PROTOCOL_VERSION = 1
-KEY_BYTES = 32
 MAX_HEADER_BYTES = 64 * 1024
 #: 4096 keys cover a 1M-token prompt at chunk_size 256.
 MAX_KEYS = 4096
@@ -155,19 +156,6 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_keys(keys: Sequence[bytes], error: type[Exception] = ValueError) -> tuple[bytes, ...]:
-    """``keys`` as a tuple after checking each is ``KEY_BYTES`` of ``bytes``; at most ``MAX_KEYS``."""
-    out = tuple(keys)
-    if len(out) > MAX_KEYS:
-        raise ValueError(f"keys: at most {MAX_KEYS} keys per request, got {len(out)}")
-    # Whole-sequence checks run in C; the per-key loop only finds the culprit.
-    if out and (set(map(type, out)) != {bytes} or set(map(len, out)) != {KEY_BYTES}):
-        for i, key in enumerate(out):
-            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-                raise error(f"keys[{i}] must be {KEY_BYTES} bytes, got {key!r:.80}")
-    return out
-
-
 @functools.lru_cache(maxsize=64)
 def _key_splitter(nkeys: int) -> struct.Struct:
     return struct.Struct(f"{KEY_BYTES}s" * nkeys)
@@ -187,7 +175,7 @@ def encode_request(request: Request) -> list[bytes]:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": request.type.value, "id": request.request_id, "body": request.body}
     if request.token is not None:
         header["token"] = request.token
-    keys = check_keys(request.keys)
+    keys = check_keys(request.keys, ValueError, limit=MAX_KEYS)
     if request.type not in KEYED_TYPES:
         if keys:
             raise ValueError(f"keys: {request.type.value} takes no keys, got {len(keys)}")

@@ -47,8 +47,9 @@ from typing import Any, Callable
 import zmq
 
 from lmc_transfer.config import ConfigError, LMCTransferConfig, default_mp_socket, load_config
-from lmc_transfer.tiers.disk import DiskTier, geometry_digest
-from lmc_transfer.daemon.instance import AlreadyRunning, DaemonInstance, ensure_private_dir, runtime_stem
+from lmc_transfer.tiers.disk import DiskTier, check_root
+from lmc_transfer.tiers.format import SlabFormat, geometry_digest
+from lmc_transfer.daemon.instance import AlreadyRunning, DaemonInstance, runtime_stem
 from lmc_transfer.kernels.geometry import KVGeometry
 from lmc_transfer.store.pool import SlabPool
 from lmc_transfer.daemon.promoter import Deferred, Promoter
@@ -68,7 +69,8 @@ from lmc_transfer.daemon.protocol import (
     is_int,
 )
 from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
-from lmc_transfer.daemon.shm import SharedSegment
+from lmc_transfer.daemon.shm import SegmentSpaceError, SharedSegment, check_shm_space
+from lmc_transfer.private_paths import ensure_private_dir
 from lmc_transfer.store.base import Lease
 
 log = logging.getLogger("lmc_transfer.daemon.server")
@@ -150,6 +152,10 @@ class CacheDaemon:
     def bind(self) -> str:
         """Take the endpoint (AlreadyRunning if a live daemon holds it) and listen on it."""
         url = check_bind_address(self.config)
+        # Fail now rather than at the first HELLO: the pool must fit in shared memory, the disk tier's root must be private.
+        check_shm_space(self.config.max_local_cpu_bytes)
+        if self._disk_enabled:
+            check_root(self.config.local_disk)
         stem = runtime_stem(self.config)
         if stem.parent == Path(default_mp_socket()).parent:
             ensure_private_dir(stem.parent)
@@ -360,23 +366,21 @@ class CacheDaemon:
         try:
             if self._instance is not None:
                 self._instance.record_segment(segment.name)
-            if self.config.local_disk is not None and self.config.max_local_disk_bytes > 0:
+            slab_format = SlabFormat(digest, slab_bytes)
+            if self._disk_enabled:
                 disk = DiskTier(
                     self.config.local_disk,
                     self.config.max_local_disk_bytes,
-                    digest,
+                    slab_format,
                     segment.data,
                     segment.generations,
-                    slab_bytes,
                     sync_interval_s=self.config.disk_flush_interval_s,
                 )
             if self.config.remote_url is not None:
                 remote = RemoteSync(
-                    build_remote_tier(self.config, digest),
-                    digest,
-                    segment.slab,
+                    build_remote_tier(self.config, slab_format),
+                    segment.data,
                     segment.generations,
-                    slab_bytes,
                     timeout_s=self.config.remote_timeout_ms / 1000,
                     max_queue=self.config.remote_queue,
                 )
@@ -411,6 +415,10 @@ class CacheDaemon:
         if remote is not None:
             log.info("remote tier: %s (namespace %s)", _redact(self.config.remote_url), digest.hex()[:16])
         return _Pool(geometry, digest, segment, pool, disk, remote)
+
+    @property
+    def _disk_enabled(self) -> bool:
+        return self.config.local_disk is not None and self.config.max_local_disk_bytes > 0
 
     def _touch_client(self, client_id: str) -> None:
         now = self._clock()
@@ -646,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m lmc_transfer.daemon: {exc}", file=sys.stderr)
         return 2
-    except (AlreadyRunning, PermissionError) as exc:
+    except (AlreadyRunning, PermissionError, SegmentSpaceError) as exc:
         log.error("%s", exc)
         return 1
     return 0

@@ -11,8 +11,14 @@ Layout (all offsets from the segment start):
   ``cudaHostRegister`` and every slab keeps the kernels' access alignment.
 
 The daemon creates the segment with mode 0600 (only its user can map it) and
-unlinks it on shutdown. Clients open it by name and, when CUDA is available,
-register the slab region once so GPU kernels can address it (zero-copy).
+unlinks it on shutdown. Clients open it by name; the engine side
+(lmc_transfer.store.mapped_segment) registers the slab region with CUDA and wraps
+slabs as tensors. This module imports no torch: slabs are numpy uint8 views.
+
+Its memory is reserved when the segment is created (``posix_fallocate``): a segment
+larger than what /dev/shm can hold (Docker gives containers 64 MiB by default) fails
+then, with ``SegmentSpaceError`` naming the size, the free space and the fix, instead
+of killing whoever touches an unbacked page later with SIGBUS.
 
 We call ``_posixshmem`` directly instead of ``multiprocessing.shared_memory``:
 before Python 3.13 the latter registers every *opened* segment with the resource
@@ -21,6 +27,7 @@ tracker, which unlinks the daemon's segment when a client process exits.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
@@ -28,14 +35,39 @@ import struct
 
 import _posixshmem
 import numpy as np
-import torch
 
 _MAGIC = b"LMCTSHM1"
 _LAYOUT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, num_slabs, slab_bytes, slab_offset
 _GENERATIONS_OFFSET = 64
 SLAB_ALIGN = 4096
-_CUDA_HOST_REGISTER_PORTABLE = 1
+#: Where Linux keeps POSIX shared memory.
+SHM_DIR = "/dev/shm"
+
+
+class SegmentSpaceError(OSError):
+    """The shared-memory filesystem cannot hold a segment of the asked size."""
+
+
+def shm_free_bytes() -> int:
+    """Bytes an unprivileged process can still allocate in ``SHM_DIR``."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_space(nbytes: int) -> None:
+    """Raise ``SegmentSpaceError`` (one line: size, free space, fix) unless ``nbytes`` fit in SHM_DIR now."""
+    free = shm_free_bytes()
+    if nbytes > free:
+        raise _space_error(nbytes, free)
+
+
+def _space_error(nbytes: int, free: int) -> SegmentSpaceError:
+    return SegmentSpaceError(
+        f"the shared-memory pool needs {nbytes} bytes ({nbytes / 1024**3:.2f} GiB) but {SHM_DIR} has only "
+        f"{free} bytes ({free / 1024**3:.2f} GiB) free: lower max_local_cpu_size, or give {SHM_DIR} more room "
+        f"(docker run --shm-size=..., or a larger tmpfs)"
+    )
 
 
 def _align_up(n: int, align: int) -> int:
@@ -65,15 +97,11 @@ class SharedSegment:
         self.slab_bytes = slab_bytes
         self._mm = mm
         self._owner = owner
-        self._registered_ptr: int | None = None
         self.generations: np.ndarray = np.ndarray(
             (num_slabs,), dtype=np.uint64, buffer=mm, offset=_GENERATIONS_OFFSET
         )
-        self.data: torch.Tensor = (
-            torch.frombuffer(mm, dtype=torch.uint8, offset=slab_offset, count=num_slabs * slab_bytes)
-            if num_slabs * slab_bytes
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        #: Every slab's bytes, back to back (1-D uint8).
+        self.data: np.ndarray = np.ndarray((num_slabs * slab_bytes,), dtype=np.uint8, buffer=mm, offset=slab_offset)
         self._closed = False
 
     @classmethod
@@ -84,11 +112,17 @@ class SharedSegment:
             raise ValueError(f"slab_bytes must be a positive int, got {slab_bytes!r}")
         name = name or new_segment_name()
         size = segment_bytes(num_slabs, slab_bytes)
+        check_shm_space(size)  # before allocating: a doomed fallocate would fill the filesystem first
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             # shm_open's mode is filtered by the umask; enforce 0600 regardless.
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+                    raise
+                raise _space_error(size, shm_free_bytes()) from None
             mm = mmap.mmap(fd, size)
         except BaseException:
             _posixshmem.shm_unlink(name)
@@ -119,35 +153,22 @@ class SharedSegment:
                 f"{expected} in >= {segment_bytes(num_slabs, slab_bytes)} bytes, got "
                 f"{(magic, version, seg_slabs, seg_slab_bytes, slab_offset)} in {size} bytes"
             )
-        seg = cls(name, mm, num_slabs, slab_bytes, slab_offset, owner=False)
-        seg._register_cuda()
-        return seg
+        return cls(name, mm, num_slabs, slab_bytes, slab_offset, owner=False)
 
-    def slab(self, slab_id: int) -> torch.Tensor:
+    def slab(self, slab_id: int) -> np.ndarray:
+        """uint8 view of one slab's bytes."""
         start = slab_id * self.slab_bytes
         return self.data[start : start + self.slab_bytes]
 
-    def _register_cuda(self) -> None:
-        if not torch.cuda.is_available() or self.data.numel() == 0:
-            return
-        ptr = self.data.data_ptr()
-        err = torch.cuda.cudart().cudaHostRegister(ptr, self.data.numel(), _CUDA_HOST_REGISTER_PORTABLE)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of segment {self.name} ({self.data.numel()} bytes) failed with error {err}")
-        self._registered_ptr = ptr
-
     def close(self) -> None:
-        """Unregister and unmap; the daemon (owner) also unlinks. Idempotent."""
+        """Unmap; the daemon (owner) also unlinks. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._registered_ptr is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
-            self._registered_ptr = None
         if self._owner:
             unlink_segment(self.name)
         self.generations = np.empty(0, dtype=np.uint64)
-        self.data = torch.empty(0, dtype=torch.uint8)
+        self.data = np.empty(0, dtype=np.uint8)
         try:
             self._mm.close()
         except BufferError:

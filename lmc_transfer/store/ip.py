@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lmc_transfer.tiers.disk import geometry_digest
+from lmc_transfer.tiers.format import SlabFormat, geometry_digest
 from lmc_transfer.kernels import Direction, KVBuffers
 from lmc_transfer.transfer.layerwise import chunk_slots, lease_slots
 from lmc_transfer.store.pool import SlabPool
@@ -63,17 +63,16 @@ class IPStore(CacheStore):
                 f"(chunk_size {self.chunk_size})"
             )
         on_cuda = buffers.device.type == "cuda"
-        data = torch.empty(num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=on_cuda)
+        # The pool and the tiers see the buffer as numpy; the kernels get tensor views of it.
+        data = torch.empty(num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=on_cuda).numpy()
         generations = np.zeros(num_slabs, dtype=np.uint64)
         self._remote: RemoteSync | None = None
         if config.remote_url is not None:
-            digest = geometry_digest(buffers.geometry, self.chunk_size)
+            slab_format = SlabFormat(geometry_digest(buffers.geometry, self.chunk_size), slab_bytes)
             self._remote = RemoteSync(
-                build_remote_tier(config, digest),
-                digest,
-                lambda slab_id: data[slab_id * slab_bytes : (slab_id + 1) * slab_bytes],
+                build_remote_tier(config, slab_format),
+                data,
                 generations,
-                slab_bytes,
                 timeout_s=config.remote_timeout_ms / 1000,
                 max_queue=config.remote_queue,
             )
@@ -194,7 +193,7 @@ class IPStore(CacheStore):
 
     def slab_views(self, slab_ids: Sequence[int]) -> list[torch.Tensor]:
         pool = self.pool
-        return [pool.slab(s) for s in slab_ids]
+        return [torch.from_numpy(pool.slab(s)) for s in slab_ids]
 
     # -- maintenance ---------------------------------------------------------
 

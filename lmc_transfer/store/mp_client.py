@@ -40,15 +40,16 @@ import zmq
 from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.daemon.protocol import (
+    MAX_KEYS,
     ErrorCode,
     MsgType,
     ProtocolError,
     Request,
-    check_keys,
     decode_reply,
     encode_request,
 )
-from lmc_transfer.daemon.shm import SharedSegment
+from lmc_transfer.keys import check_keys
+from lmc_transfer.store.mapped_segment import MappedSegment
 from lmc_transfer.store.base import (
     CacheStore,
     Lease,
@@ -168,7 +169,7 @@ class _Session:
     """What one successful HELLO established."""
 
     epoch: str
-    segment: SharedSegment
+    segment: MappedSegment
     lease_ttl_s: float
 
 
@@ -216,7 +217,7 @@ class MPStore(CacheStore):
         )
         self._lock = threading.RLock()
         self._session: _Session | None = None
-        self._segment: SharedSegment | None = None  # stays mapped across a failed session
+        self._segment: MappedSegment | None = None  # stays mapped across a failed session
         self._backoff_s = 0.0
         self._next_attempt = 0.0
         self._local_ids = itertools.count(1)  # 0 is every empty lease/reservation
@@ -255,7 +256,7 @@ class MPStore(CacheStore):
                     torch.cuda.synchronize(self.buffers.device)
                 self._segment.close()
                 self._segment = None
-            self._segment = SharedSegment.open(name, num_slabs, slab_bytes)
+            self._segment = MappedSegment.open(name, num_slabs, slab_bytes)
         self._session = _Session(epoch, self._segment, ttl)
         self._backoff_s = 0.0
         self._reconnects += 1
@@ -302,7 +303,7 @@ class MPStore(CacheStore):
     # -- loads ---------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes]) -> Lease:
-        keys = _check_keys(keys)
+        keys = check_keys(keys, limit=MAX_KEYS)
         with self._lock:
             start = time.monotonic()
             self._stats.lookups += 1
@@ -368,7 +369,7 @@ class MPStore(CacheStore):
     # -- stores --------------------------------------------------------------
 
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
-        keys = _check_keys(keys)
+        keys = check_keys(keys, limit=MAX_KEYS)
         with self._lock:
             empty = Reservation(0, keys, (), (), (), time.monotonic())
             if not keys:
@@ -422,7 +423,9 @@ class MPStore(CacheStore):
         with self._lock:
             handle = self._reservations.pop(reservation.reservation_id, None)
             committed = 0
-            if self._session_for(handle) is not None:
+            # Past its deadline the reservation is gone in the daemon too (its slabs quarantined):
+            # nothing to publish, whatever the copy did.
+            if self._session_for(handle) is not None and time.monotonic() < reservation.deadline:
                 try:
                     _, body = self._call(MsgType.COMMIT, {"reservation_id": handle.remote_id}, (), self._deadline(MsgType.COMMIT))
                     committed = min(int(body["committed"]), n)
@@ -520,6 +523,3 @@ class MPStore(CacheStore):
         self._transfer.gather(slots, slabs)
         self._transfer.synchronize()
 
-
-def _check_keys(keys: Sequence[bytes]) -> tuple[bytes, ...]:
-    return check_keys(keys, TypeError)

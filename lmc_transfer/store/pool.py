@@ -2,14 +2,23 @@
 
 The pool owns the index (key -> slab), the free list, LRU order over unpinned
 committed slabs, leases (pins with deadlines) and reservations (slabs being
-written). It never touches slab bytes itself: the buffer may be pinned torch
-memory (IP mode) or a shared-memory mapping (MP mode), and the generation array
-may live in shared memory so clients can verify loads without asking.
+written). It never touches slab bytes itself: the buffer (a numpy uint8 array, so
+the daemon needs no torch) may view pinned memory (IP mode) or a shared-memory
+mapping (MP mode), and the generation array may live in shared memory so clients
+can verify loads without asking.
 
 Slab states: free -> (reserve) writing -> (commit) committed -> (evict/clear) free.
 A slab's generation is bumped whenever ``reserve`` hands it out, i.e. before any
 new bytes can land in it, so a reader that saw generation ``g`` at lookup and
 still sees ``g`` after its copy read bytes nobody overwrote.
+
+A reservation that expires may still have a writer: one that stalled mid-copy and
+resumes later. Its slabs therefore get a new generation and sit in quarantine for
+``quarantine_s`` before anyone can reserve them again, so such a late copy lands in
+a slab nobody else has committed (a writer stalled for longer than the reservation's
+TTL plus the quarantine could still tear one: the bound is stated, not infinite). A
+commit after the deadline is refused. ``abort`` frees slabs at once: the writer
+itself says it is done with them.
 """
 
 from __future__ import annotations
@@ -19,14 +28,17 @@ import heapq
 import itertools
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
+from lmc_transfer.keys import check_keys
 from lmc_transfer.store.base import Lease, Reservation
+
+#: How long the slabs of an expired reservation stay out of use (see the module docstring).
+QUARANTINE_S = 60.0
 
 #: ``callback(key, slab_id)``; called with the pool lock held while the slab's bytes
 #: are intact, so it must be quick and must not call back into the pool.
@@ -53,6 +65,7 @@ class PoolStats:
     evictions: int
     leases: int
     reservations: int
+    quarantined_slabs: int = 0  # of expired reservations, not handed out yet (module docstring)
 
 
 @dataclass
@@ -68,16 +81,6 @@ class _ReservationEntry:
     deadline: float
 
 
-def _check_keys(keys: Sequence[bytes]) -> tuple[bytes, ...]:
-    out = tuple(keys)
-    if all(type(k) is bytes for k in out):  # the common case in one pass (LOOKUP is latency-bound)
-        return out
-    for i, k in enumerate(out):
-        if not isinstance(k, bytes):
-            raise TypeError(f"keys[{i}]: expected bytes, got {type(k).__name__}")
-    return out
-
-
 def _check_ttl(ttl_s: float) -> float:
     if not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool) or not ttl_s > 0:
         raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
@@ -89,17 +92,18 @@ class SlabPool:
 
     def __init__(
         self,
-        data: torch.Tensor,
+        data: np.ndarray,
         generations: np.ndarray,
         slab_bytes: int,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_evict: SlabCallback | None = None,
         on_commit: SlabCallback | None = None,
+        quarantine_s: float = QUARANTINE_S,
     ) -> None:
-        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
-            got = f"{data.dtype} tensor of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
-            raise TypeError(f"data must be a 1-D uint8 torch.Tensor, got {got}")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+            got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise TypeError(f"data must be a 1-D uint8 numpy array, got {got}")
         if not isinstance(generations, np.ndarray) or generations.dtype != np.uint64 or generations.ndim != 1:
             got = f"{generations.dtype} array of shape {generations.shape}" if isinstance(generations, np.ndarray) else type(generations).__name__
             raise TypeError(f"generations must be a 1-D uint64 numpy array, got {got}")
@@ -108,10 +112,12 @@ class SlabPool:
         num_slabs = int(generations.shape[0])
         if num_slabs <= 0:
             raise ValueError("generations must have one entry per slab and at least one slab, got 0 entries")
-        if data.numel() < num_slabs * slab_bytes:
+        if data.size < num_slabs * slab_bytes:
             raise ValueError(
-                f"data must hold num_slabs * slab_bytes = {num_slabs} * {slab_bytes} = {num_slabs * slab_bytes} bytes, got {data.numel()}"
+                f"data must hold num_slabs * slab_bytes = {num_slabs} * {slab_bytes} = {num_slabs * slab_bytes} bytes, got {data.size}"
             )
+        if isinstance(quarantine_s, bool) or not isinstance(quarantine_s, (int, float)) or not quarantine_s >= 0:
+            raise ValueError(f"quarantine_s must be a number of seconds >= 0, got {quarantine_s!r}")
         self._data = data
         self._gens = generations
         self._slab_bytes = slab_bytes
@@ -119,6 +125,7 @@ class SlabPool:
         self._clock = clock
         self._on_evict = on_evict
         self._on_commit = on_commit
+        self._quarantine_s = float(quarantine_s)
         # Re-entrant so that a misbehaving callback cannot deadlock the pool.
         self._lock = threading.RLock()
         self._state = [_SlabState.FREE] * num_slabs
@@ -126,6 +133,8 @@ class SlabPool:
         self._pins = [0] * num_slabs
         # Popped from the end: slab 0 is handed out first.
         self._free = list(range(num_slabs - 1, -1, -1))
+        # (time it may be handed out again, slab) of expired reservations; in time order.
+        self._quarantine: deque[tuple[float, int]] = deque()
         self._index: dict[bytes, int] = {}  # committed key -> slab
         self._writing: set[bytes] = set()  # keys of reserved, uncommitted slabs
         self._lru: OrderedDict[int, None] = OrderedDict()  # committed, unpinned; oldest first
@@ -143,21 +152,18 @@ class SlabPool:
     def slab_bytes(self) -> int:
         return self._slab_bytes
 
-    def slab(self, slab_id: int) -> torch.Tensor:
+    def slab(self, slab_id: int) -> np.ndarray:
         """uint8 view of one slab's bytes."""
         if not isinstance(slab_id, int) or not 0 <= slab_id < self._num_slabs:
             raise ValueError(f"slab_id must be an int in [0, {self._num_slabs}), got {slab_id!r}")
         start = slab_id * self._slab_bytes
         return self._data[start : start + self._slab_bytes]
 
-    def generation(self, slab_id: int) -> int:
-        return int(self._gens[slab_id])
-
     # -- loads ---------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes], ttl_s: float) -> Lease:
         """Pin the longest prefix of ``keys`` that is committed; LRU-touch it on release."""
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         ttl_s = _check_ttl(ttl_s)
         with self._lock:
             now = self._clock()
@@ -211,7 +217,7 @@ class SlabPool:
         or reserved slabs): a gap would make later chunks unreachable by prefix
         lookup. Committed keys of this same call are never evicted to make room.
         """
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         ttl_s = _check_ttl(ttl_s)
         with self._lock:
             now = self._clock()
@@ -310,6 +316,7 @@ class SlabPool:
                 evictions=self._evictions,
                 leases=len(self._leases),
                 reservations=len(self._reservations),
+                quarantined_slabs=len(self._quarantine),
             )
 
     # -- internals (lock held) -----------------------------------------------
@@ -348,14 +355,22 @@ class SlabPool:
         self._state[slab_id] = _SlabState.FREE
         self._free.append(slab_id)
 
-    def _drop_reservation(self, entry: _ReservationEntry) -> None:
+    def _drop_reservation(self, entry: _ReservationEntry, quarantine_until: float | None = None) -> None:
+        """Free the slabs, or with ``quarantine_until`` bump their generations and hold them until then."""
         for key, slab_id in zip(entry.keys, entry.slab_ids):
             self._writing.discard(key)
             self._slab_key[slab_id] = None
             self._state[slab_id] = _SlabState.FREE
-            self._free.append(slab_id)
+            if quarantine_until is None:
+                self._free.append(slab_id)
+            else:
+                self._gens[slab_id] += np.uint64(1)
+                self._quarantine.append((quarantine_until, slab_id))
 
     def _expire_locked(self, now: float) -> int:
+        quarantine = self._quarantine
+        while quarantine and quarantine[0][0] <= now:
+            self._free.append(quarantine.popleft()[1])
         expired = 0
         while self._deadlines and self._deadlines[0][0] <= now:
             _, item_id, kind = heapq.heappop(self._deadlines)
@@ -367,6 +382,6 @@ class SlabPool:
             else:
                 res = self._reservations.pop(item_id, None)
                 if res is not None:
-                    self._drop_reservation(res)
+                    self._drop_reservation(res, quarantine_until=now + self._quarantine_s)
                     expired += 1
         return expired

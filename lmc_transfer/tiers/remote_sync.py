@@ -1,54 +1,58 @@
 """Connects one slab pool to a RemoteTier: write-behind of commits, prefix fill on misses.
 
-Used by the MP daemon (one per pool, namespace = the pool's geometry digest) and,
-when configured, by IPStore. Keys already carry the salt (model, tenant, TP
-rank), so the namespace only has to separate slab formats.
+Used by the MP daemon (one per pool) and, when configured, by IPStore. Keys already
+carry the salt (model, tenant, TP rank), so the tier's namespace (the slab format's
+geometry digest) only has to separate slab formats.
 
 - ``on_commit(key, slab_id)`` is the pool's commit hook: it runs under the pool
-  lock, so it only queues (key, slab, generation). A writer thread copies the
-  slab, drops the copy if the generation moved meanwhile (the slab was reused),
-  and hands the bytes to ``RemoteTier.put_async`` (bounded; full means dropped
-  and counted). Chunks that ``fill`` just brought in from the remote are not
-  written back.
+  lock, so it only queues (key, slab, generation) on the write-behind
+  (lmc_transfer.tiers.writeback; bounded, full means dropped and counted). Its
+  thread encodes the slab into a value (one copy), drops it if the generation
+  moved meanwhile (the slab was reused) and ``put``s it. Chunks that ``fill`` just
+  brought in from the remote are not written back.
 - ``fill(pool, keys, ttl_s)`` asks the remote for the longest prefix of ``keys``
   (one pipelined round trip), fetches the hits in batches and copies each into a
   freshly reserved slab, which it commits. It stops at the first miss, invalid
   value, full pool or remote failure, and once ``timeout_s`` has passed; a
   failure is a shorter fill, never an error.
+
+This module imports neither torch nor redis (``build_remote_tier`` imports redis).
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.store.pool import SlabPool
+from lmc_transfer.tiers.format import SlabFormat
+from lmc_transfer.tiers.writeback import WriteBehind
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from lmc_transfer.tiers.remote import RemoteTier
 
 #: Bytes fetched per pipelined GET batch: bounds the memory a fill holds at once.
 FETCH_BATCH_BYTES = 64 << 20
+#: On close, how long the write in progress may take (each is bounded by the tier's timeouts).
+_CLOSE_JOIN_S = 5.0
 
 
 @dataclass(frozen=True)
 class RemoteSyncStats:
-    filled: int  # chunks copied from the remote tier into slabs
-    rejected: int  # fetched values of the wrong size (never served)
+    filled: int  # chunks copied from the remote tier into slabs (invalid values never get here)
     queued: int  # commits handed to the write-behind
     skipped_refill: int  # commits not written back because they came from the remote
     stale: int  # write-behind copies dropped because the slab was reused meanwhile
-    queue_full: int  # commits dropped because the write-behind queue was full
+    queue_full: int  # commits dropped: the write-behind queue was full, or closed
+    write_failures: int  # write-behind items that raised (logged once per state change)
 
 
-def build_remote_tier(config: LMCTransferConfig, namespace: bytes):  # -> RemoteTier
+def build_remote_tier(config: LMCTransferConfig, slab_format: SlabFormat) -> RemoteTier:
     """A RemoteTier from the config's remote_* fields (redis is imported only here)."""
     from lmc_transfer.tiers.remote import RemoteTier, TLSOptions
 
@@ -59,10 +63,9 @@ def build_remote_tier(config: LMCTransferConfig, namespace: bytes):  # -> Remote
         tls = TLSOptions(ca_certs=config.remote_tls_ca, certfile=config.remote_tls_cert, keyfile=config.remote_tls_key)
     return RemoteTier(
         config.remote_url,
-        namespace=namespace,
+        slab_format,
         timeout_s=config.remote_timeout_ms / 1000,
         ttl_s=config.remote_ttl_s,
-        max_queue=config.remote_queue,
         max_namespace_bytes=config.max_remote_bytes,
         username=config.remote_username,
         password=config.remote_password,
@@ -71,35 +74,37 @@ def build_remote_tier(config: LMCTransferConfig, namespace: bytes):  # -> Remote
 
 
 class RemoteSync:
-    """Write-behind and prefix fill between ``slab``/``generations`` and ``tier`` (module docstring)."""
+    """Write-behind and prefix fill between the slabs in ``data`` and ``tier`` (module docstring).
+
+    ``data`` is every slab's bytes back to back (1-D uint8), ``generations`` their generations.
+    """
 
     def __init__(
         self,
-        tier,  # RemoteTier (or anything with put_async/longest_prefix/fetch/flush/close)
-        digest: bytes,
-        slab: Callable[[int], torch.Tensor],
+        tier: RemoteTier,
+        data: np.ndarray,
         generations: np.ndarray,
-        slab_bytes: int,
         *,
         timeout_s: float,
         max_queue: int = 64,
     ) -> None:
-        if not isinstance(digest, bytes) or not digest:
-            raise TypeError(f"digest: expected non-empty bytes, got {digest!r:.80}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
         self.tier = tier
-        self._digest = digest
-        self._slab = slab
+        self._format: SlabFormat = tier.format
+        self._slab_bytes = self._format.payload_bytes
+        self._data = data
         self._gens = generations
-        self._slab_bytes = slab_bytes
         self._timeout_s = timeout_s
         self._from_remote: set[bytes] = set()
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(("filled", "rejected", "queued", "skipped_refill", "stale", "queue_full"), 0)
-        self._queue: queue.Queue[tuple[bytes, int, int] | None] = queue.Queue(maxsize=max_queue)
-        self._writer = threading.Thread(target=self._write_loop, name="lmc-remote-sync", daemon=True)
-        self._writer.start()
+        self._counts = dict.fromkeys(("filled", "skipped_refill", "stale"), 0)
+        self._writes: WriteBehind[tuple[bytes, int, int]] = WriteBehind(
+            "remote-tier", self._write, max_items=max_queue
+        )
+
+    def _slab(self, slab_id: int) -> np.ndarray:
+        return self._data[slab_id * self._slab_bytes : (slab_id + 1) * self._slab_bytes]
 
     # -- write-behind ----------------------------------------------------------
 
@@ -110,29 +115,15 @@ class RemoteSync:
                 self._from_remote.discard(key)
                 self._counts["skipped_refill"] += 1
                 return
-            try:
-                self._queue.put_nowait((key, slab_id, int(self._gens[slab_id])))
-            except queue.Full:
-                self._counts["queue_full"] += 1
-                return
-            self._counts["queued"] += 1
+        self._writes.submit((key, slab_id, int(self._gens[slab_id])))
 
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                key, slab_id, generation = item
-                data = self._slab(slab_id).numpy().tobytes()
-                if int(self._gens[slab_id]) != generation:
-                    self._count("stale")
-                    continue
-                self.tier.put_async(key, data, self._digest)
-            except Exception:  # a bad slab id or a closed tier must not kill the writer
-                log.exception("remote write-behind failed for one chunk")
-            finally:
-                self._queue.task_done()
+    def _write(self, item: tuple[bytes, int, int]) -> None:
+        key, slab_id, generation = item
+        value = self._format.encode(key, self._slab(slab_id))
+        if int(self._gens[slab_id]) != generation:
+            self._count("stale")
+            return
+        self.tier.put(key, value)
 
     # -- fill ------------------------------------------------------------------
 
@@ -148,18 +139,15 @@ class RemoteSync:
             if time.monotonic() >= deadline:
                 break
             part = list(keys[start : min(start + batch, present)])
-            payloads = self.tier.fetch(part, self._digest)
+            payloads = self.tier.fetch(part)
             for key, payload in zip(part, payloads):
                 if pool.contains(key):
                     continue
-                if len(payload) != self._slab_bytes:
-                    self._count("rejected")
-                    return self._done(filled)
                 res = pool.reserve([key], ttl_s)
                 if res.num_chunks == 0:
                     return self._done(filled)  # full of pinned slabs, or another client is writing it
                 try:
-                    self._slab(res.slab_ids[0]).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+                    self._slab(res.slab_ids[0])[:] = np.frombuffer(payload, dtype=np.uint8)
                 except BaseException:
                     pool.abort(res.reservation_id)
                     raise
@@ -181,29 +169,19 @@ class RemoteSync:
     # -- lifecycle -------------------------------------------------------------
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait (bounded) until queued commits reached the tier and the tier wrote them."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return self.tier.flush(max(0.0, deadline - time.monotonic()))
+        """Wait (bounded) until queued commits reached the tier."""
+        return self._writes.flush(timeout_s)
 
     def stats(self) -> RemoteSyncStats:
+        writes = self._writes.stats()
         with self._lock:
-            return RemoteSyncStats(**self._counts)
+            return RemoteSyncStats(
+                **self._counts, queued=writes.submitted, queue_full=writes.dropped, write_failures=writes.failed
+            )
 
     def close(self) -> None:
-        """Stop the writer (queued commits are dropped) and close the tier; idempotent."""
-        if self._writer.is_alive():
-            while True:
-                try:
-                    self._queue.get_nowait()
-                    self._queue.task_done()
-                except queue.Empty:
-                    break
-            self._queue.put(None)
-            self._writer.join()
+        """Stop the write-behind (queued commits are dropped, counted) and close the tier; idempotent."""
+        self._writes.close(_CLOSE_JOIN_S, drop_queued=True)
         self.tier.close()
 
     def _count(self, name: str, n: int = 1) -> None:
