@@ -23,13 +23,13 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
-from lmc_transfer.tiers.remote import RemoteTier, encode_value  # noqa: E402
+from lmc_transfer.tiers.format import SlabFormat  # noqa: E402
+from lmc_transfer.tiers.remote import RemoteTier  # noqa: E402
 from tests.test_remote_tier import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")
 
-NAMESPACE = b"\x07" * 32
-GEOM = b"llama-8b-token-slot-bf16"
+GEOMETRY = b"\x07" * 32  # stands for the geometry digest of a Llama-8B token_slot bf16 slab
 CHUNK_SIZE = 256
 LOOKUP_KEYS = 32 * 1024 // CHUNK_SIZE
 TOKEN_BYTES = 32 * 2 * 8 * 128 * 2
@@ -41,7 +41,7 @@ CHUNK_BYTES = CHUNK_SIZE * TOKEN_BYTES  # 32 MiB
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteTier, "redis.Redis", list[bytes]]]:
     srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
     srv.start()
-    tier = RemoteTier(srv.url, namespace=NAMESPACE, timeout_s=1.0)
+    tier = RemoteTier(srv.url, SlabFormat(GEOMETRY, CHUNK_BYTES), timeout_s=1.0)
     try:
         raw = srv.client()
         rng = random.Random(0)
@@ -49,8 +49,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteTier
         payload = rng.randbytes(CHUNK_BYTES)
         for i, key in enumerate(keys):
             # Fetched chunks get distinct 32 MiB payloads; the rest only need to exist.
-            body = payload[i:] + payload[:i] if i < FETCH_CHUNKS else b"x"
-            raw.set(tier._chunk_key(key), encode_value(body, GEOM))
+            value = tier.format.encode(key, payload[i:] + payload[:i]) if i < FETCH_CHUNKS else b"x"
+            raw.set(tier._chunk_key(key), value)
         yield tier, raw, keys
     finally:
         tier.close()
@@ -101,7 +101,7 @@ def test_lookup_raw(benchmark, setup) -> None:
 @pytest.mark.benchmark(group="remote-fetch-2048-tokens-llama8b")
 def test_fetch_tier(benchmark, setup) -> None:
     tier, _raw, keys = setup
-    got = benchmark.pedantic(tier.fetch, (keys[:FETCH_CHUNKS], GEOM), rounds=5, warmup_rounds=1)
+    got = benchmark.pedantic(tier.fetch, (keys[:FETCH_CHUNKS],), rounds=5, warmup_rounds=1)
     assert [len(g) for g in got] == [CHUNK_BYTES] * FETCH_CHUNKS
 
 
@@ -119,7 +119,7 @@ def test_overhead_vs_raw(setup) -> None:
     lookup_names = [tier._chunk_key(k) for k in keys]
     fetch_names = lookup_names[:FETCH_CHUNKS]
     lt, lr = _interleaved(lambda: tier.longest_prefix(keys), lambda: _raw_exists(raw, lookup_names), rounds=50)
-    ft, fr = _interleaved(lambda: tier.fetch(keys[:FETCH_CHUNKS], GEOM), lambda: _raw_get(raw, fetch_names), rounds=5)
+    ft, fr = _interleaved(lambda: tier.fetch(keys[:FETCH_CHUNKS]), lambda: _raw_get(raw, fetch_names), rounds=5)
     mib = FETCH_CHUNKS * CHUNK_BYTES / (1 << 20)
     print(
         f"\nlookup {LOOKUP_KEYS} keys: tier {lt * 1e3:.2f} ms, raw {lr * 1e3:.2f} ms ({lt / lr - 1:+.1%})"
