@@ -85,7 +85,9 @@ def test_stalled_writer_resuming_after_expiry_tears_no_other_clients_chunks(work
         assert victim.save(victim.reserve(victim_keys), torch.arange(8 * CHUNK)) == 8
         for slab in writer.slab_views(stalled.slab_ids):  # A's copy resumes where it stopped
             slab.fill_(0xEE)
+        requests = d.stats()["counters"]["requests"]
         assert writer.commit(stalled) == 0
+        assert d.stats()["counters"]["requests"] == requests + 1, "past its deadline A sends no COMMIT"
     finally:
         writer.close()
         victim.close()
