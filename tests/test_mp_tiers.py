@@ -28,7 +28,6 @@ from tests.conftest_mp import (  # noqa: F401  (fixtures)
     engine_load,
     engine_store,
     expected_after_load,
-    kv_bytes,
     make_buffers,
     prompt_keys,
     start_daemon,

@@ -152,7 +152,7 @@ class CacheDaemon:
     def bind(self) -> str:
         """Take the endpoint (AlreadyRunning if a live daemon holds it) and listen on it."""
         url = check_bind_address(self.config)
-        # Fail now rather than at the first HELLO: the pool must fit in shared memory, the disk tier's root must be private.
+        # Fail now, not at the first HELLO: the pool must fit in shared memory, the disk tier's root be private.
         check_shm_space(self.config.max_local_cpu_bytes)
         if self._disk_enabled:
             check_root(self.config.local_disk)
