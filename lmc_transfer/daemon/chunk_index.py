@@ -120,10 +120,12 @@ _fence_lock = threading.Lock()
 
 def memory_fence() -> None:
     """A full memory fence between the shared-memory accesses before and after it (module docstring, point 2)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
-    _fence_lock.acquire()
-    _fence_lock.release()
+    # ``with`` releases the lock even when a signal handler raises between acquire and release
+    # (a bare acquire()/release() pair would leave it held and deadlock the next fence).
+    with _fence_lock:
+        pass
+    with _fence_lock:
+        pass
 
 
 class ChunkIndexError(ValueError):
