@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lmc_transfer.config import load_config
+from lmc_transfer.daemon.messages import Body, PingReply, PingRequest, RequestBody, StatsReply, StatsRequest
 from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, DaemonUnavailable
-from lmc_transfer.daemon.protocol import MsgType
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,10 @@ class Subcommand:
     config_required: bool = True
 
 
-def _request(args: argparse.Namespace, msg_type: MsgType) -> dict:
-    config = load_config(args.config)
-    conn = DaemonConnection(config.mp_url, config.mp_auth_token)
+def _call(args: argparse.Namespace, message: RequestBody) -> Body:
+    conn = DaemonConnection.for_config(load_config(args.config))
     try:
-        return conn.request(msg_type, deadline=time.monotonic() + args.timeout_ms / 1000)
+        return conn.call(message, deadline=time.monotonic() + args.timeout_ms / 1000)
     finally:
         conn.close()
 
@@ -56,28 +55,26 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = _request(args, MsgType.STATS)
+    stats: StatsReply = _call(args, StatsRequest())  # type: ignore[assignment]
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
+        print(json.dumps(stats.encode(), indent=2, sort_keys=True))
         return 0
-    counters = stats["counters"]
-    pool = stats.get("pool") or {}
-    disk = stats.get("disk") or {}
+    counters, pool, disk = stats.counters, stats.pool, stats.disk
     rows = [
-        ("endpoint", stats.get("endpoint")),
-        ("pid", stats.get("pid")),
-        ("segment", stats.get("segment") or "(no pool yet: waiting for the first HELLO)"),
-        ("clients", stats.get("clients")),
-        ("chunks", f"{pool.get('committed_chunks', 0)} / {pool.get('num_slabs', 0)} slabs"),
-        ("bytes", pool.get("committed_bytes", 0)),
-        ("pinned slabs", pool.get("pinned_slabs", 0)),
-        ("leases / reservations", f"{pool.get('leases', 0)} / {pool.get('reservations', 0)}"),
-        ("hit rate", f"{stats.get('hit_rate', 0.0):.3f} ({counters['hit_chunks']} hit, {counters['miss_chunks']} missed chunks)"),
-        ("lookups", counters["lookups"]),
-        ("committed chunks", counters["committed_chunks"]),
-        ("evictions", pool.get("evictions", 0)),
-        ("requests / errors", f"{counters['requests']} / {counters['errors']}"),
-        ("disk usage", f"{disk['bytes']} / {disk['max_bytes']} bytes, {disk['files']} files" if disk else "off"),
+        ("endpoint", stats.endpoint),
+        ("pid", stats.pid),
+        ("segment", stats.segment or "(no pool yet: waiting for the first HELLO)"),
+        ("clients", stats.clients),
+        ("chunks", f"{pool.committed_chunks} / {pool.num_slabs} slabs" if pool else "0 / 0 slabs"),
+        ("bytes", pool.committed_bytes if pool else 0),
+        ("pinned slabs", pool.pinned_slabs if pool else 0),
+        ("leases / reservations", f"{pool.leases} / {pool.reservations}" if pool else "0 / 0"),
+        ("hit rate", f"{stats.hit_rate:.3f} ({counters.hit_chunks} hit, {counters.miss_chunks} missed chunks)"),
+        ("lookups", counters.lookups),
+        ("committed chunks", counters.committed_chunks),
+        ("evictions", pool.evictions if pool else 0),
+        ("requests / errors", f"{counters.requests} / {counters.errors}"),
+        ("disk usage", f"{disk.get('bytes')} / {disk.get('max_bytes')} bytes, {disk.get('files')} files" if disk else "off"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -100,8 +97,8 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_ping(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    reply = _request(args, MsgType.PING)
-    print(f"ok: pid {reply.get('pid')} answered in {(time.monotonic() - start) * 1000:.1f} ms")
+    reply: PingReply = _call(args, PingRequest())  # type: ignore[assignment]
+    print(f"ok: pid {reply.pid} answered in {(time.monotonic() - start) * 1000:.1f} ms")
     return 0
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -57,19 +58,31 @@ class _BadValue(Exception):
         self.expected = expected
 
 
-def _int(minimum: int, maximum: int | None = None) -> _Check:
+# Upper bounds: values past them are typos (or .inf) that the daemon would accept and then
+# fail on at every request (timeouts past a C int of milliseconds, pools no machine has).
+_MAX_MS = 3_600_000  # one hour
+_MAX_SECONDS = 86_400.0  # one day
+_MAX_RAM_GB = 65_536.0  # 64 TiB
+_MAX_STORAGE_GB = 1_048_576.0  # 1 PiB
+
+
+def _int(minimum: int, maximum: int) -> _Check:
     def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
-            raise _BadValue(f"an integer in [{minimum}, {maximum}]" if maximum is not None else f"an integer >= {minimum}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise _BadValue(f"an integer >= {minimum}")
+        if v > maximum:
+            raise _BadValue(f"an integer in [{minimum}, {maximum}]")
         return v
 
     return check
 
 
-def _number(*, positive: bool) -> _Check:
+def _number(*, positive: bool, maximum: float) -> _Check:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
             raise _BadValue("a positive number" if positive else "a number >= 0")
+        if not math.isfinite(v) or v > maximum:
+            raise _BadValue(f"a finite number <= {maximum:g}")
         return float(v)
 
     return check
@@ -138,38 +151,51 @@ def _existing_file(v: Any) -> str:
     return v
 
 
-def _f(default: Any, check: _Check) -> Any:
-    return field(default=default, metadata={"check": check})
+def _hidden(value: Any) -> str:
+    """A secret for an error message: its type only, when that is not the expected str."""
+    return "<hidden>" if isinstance(value, str) else f"<hidden {type(value).__name__}>"
+
+
+def _shown_url(value: Any) -> str:
+    """A URL without its secrets (redact_url); a value that is no URL string only by its type."""
+    if isinstance(value, str):
+        return repr(redact_url(value))
+    return repr(value) if isinstance(value, (int, float)) else _hidden(value)
+
+
+def _f(default: Any, check: _Check, *, shown: Callable[[Any], str] = repr) -> Any:
+    """A config field; ``shown`` is how an error message may show its value (secrets: hidden)."""
+    return field(default=default, metadata={"check": check, "shown": shown})
 
 
 @dataclass(frozen=True)
 class LMCTransferConfig:
     mode: Mode = _f(Mode.IP, _mode)
-    chunk_size: int = _f(256, _int(1))
-    max_local_cpu_size: float = _f(5.0, _number(positive=True))  # GB
+    chunk_size: int = _f(256, _int(1, 1 << 20))
+    max_local_cpu_size: float = _f(5.0, _number(positive=True, maximum=_MAX_RAM_GB))  # GB
     local_disk: str | None = _f(None, _optional(_disk_path))
-    max_local_disk_size: float = _f(0.0, _number(positive=False))  # GB; 0 = no disk tier
+    max_local_disk_size: float = _f(0.0, _number(positive=False, maximum=_MAX_STORAGE_GB))  # GB; 0 = no disk tier
     mp_host: str | None = _f(None, _optional(_string))  # set host or port: tcp (see module docstring)
     mp_port: int | None = _f(None, _optional(_int(1, 65535)))
     mp_socket: str | None = _f(None, _optional(_string))  # ipc path; wins over host/port
-    mp_auth_token: str | None = _f(None, _optional(_string))
-    lookup_timeout_ms: int = _f(200, _int(1))
-    request_timeout_ms: int = _f(1000, _int(1))
-    lease_ttl_s: float = _f(30.0, _number(positive=True))
-    disk_flush_interval_s: float = _f(1.0, _number(positive=True))
+    mp_auth_token: str | None = _f(None, _optional(_string), shown=_hidden)
+    lookup_timeout_ms: int = _f(200, _int(1, _MAX_MS))
+    request_timeout_ms: int = _f(1000, _int(1, _MAX_MS))
+    lease_ttl_s: float = _f(30.0, _number(positive=True, maximum=_MAX_SECONDS))
+    disk_flush_interval_s: float = _f(1.0, _number(positive=True, maximum=3600.0))
     transfer_path: str = _f("auto", _transfer_path)
-    staging_buffer_size: int = _f(64, _int(1))  # MB
-    max_programs: int | None = _f(None, _optional(_int(1)))
+    staging_buffer_size: int = _f(64, _int(1, 1 << 16))  # MB
+    max_programs: int | None = _f(None, _optional(_int(1, 1 << 16)))
     layer_signals: bool = _f(False, _bool)  # layerwise loads: one launch + per-layer device counters
     allow_remote_tcp: bool = _f(False, _bool)
     # Remote tier (Redis/Valkey, lmc_transfer.tiers.remote); off unless remote_url is set.
-    remote_url: str | None = _f(None, _optional(_remote_url))
-    remote_timeout_ms: int = _f(50, _int(1))  # per remote operation; a LOOKUP may add this much
-    remote_ttl_s: float | None = _f(None, _optional(_number(positive=True)))
-    max_remote_size: float = _f(0.0, _number(positive=False))  # GB per namespace; 0 = no budget
-    remote_queue: int = _f(64, _int(1))  # chunks waiting for the write-behind
+    remote_url: str | None = _f(None, _optional(_remote_url), shown=_shown_url)  # may carry a password
+    remote_timeout_ms: int = _f(50, _int(1, _MAX_MS))  # per remote operation; a LOOKUP may add this much
+    remote_ttl_s: float | None = _f(None, _optional(_number(positive=True, maximum=365 * _MAX_SECONDS)))
+    max_remote_size: float = _f(0.0, _number(positive=False, maximum=_MAX_STORAGE_GB))  # GB per namespace; 0 = no budget
+    remote_queue: int = _f(64, _int(1, 1 << 20))  # chunks waiting for the write-behind
     remote_username: str | None = _f(None, _optional(_string))
-    remote_password: str | None = _f(None, _optional(_string))
+    remote_password: str | None = _f(None, _optional(_string), shown=_hidden)
     remote_tls_ca: str | None = _f(None, _optional(_existing_file))
     remote_tls_cert: str | None = _f(None, _optional(_existing_file))
     remote_tls_key: str | None = _f(None, _optional(_existing_file))
@@ -221,17 +247,16 @@ class LMCTransferConfig:
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping of config keys at the top level, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in data.items():
-            if key not in fields:
-                hint = difflib.get_close_matches(str(key), list(fields), n=1)
-                suffix = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(fields)}"
-                raise ConfigError(f"{source}: unknown key {key!r}{suffix}")
+            if key not in _FIELDS:
+                hint = difflib.get_close_matches(str(key), list(_FIELDS), n=1)
+                suffix = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(_FIELDS)}"
+                raise ConfigError(f"{source}: unknown key {key!r:.80}{suffix}")
             try:
-                values[key] = fields[key].metadata["check"](value)
+                values[key] = _FIELDS[key].metadata["check"](value)
             except _BadValue as bad:
-                raise ConfigError(f"{source}: {key}: expected {bad.expected}, got {value!r}") from None
+                raise ConfigError(f"{source}: {key}: expected {bad.expected}, got {_shown(key, value)}") from None
         config = cls(**values)
         config._check_combination(source)
         return config
@@ -242,11 +267,10 @@ class LMCTransferConfig:
                 f"{source}: max_local_disk_size: {self.max_local_disk_size} GB of disk tier needs local_disk to be set, got no local_disk"
             )
         self._check_remote(source)
-        if self.uses_tcp and not self.allow_remote_tcp and not _is_loopback(self.tcp_host):
+        if self.uses_tcp and not self.allow_remote_tcp and not is_loopback(self.tcp_host):
             raise ConfigError(
                 f"{source}: mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got {self.mp_host!r}"
             )
-
 
     def _check_remote(self, source: str) -> None:
         needs_url = [
@@ -257,12 +281,15 @@ class LMCTransferConfig:
         if self.remote_url is None:
             if needs_url:
                 name = needs_url[0]
-                shown = "<hidden>" if name == "remote_password" else repr(getattr(self, name))
+                shown = _shown(name, getattr(self, name))
                 raise ConfigError(f"{source}: {name}: {shown} needs remote_url to be set, got no remote_url")
             return
         tls = [n for n in ("remote_tls_ca", "remote_tls_cert", "remote_tls_key") if getattr(self, n) is not None]
         if tls and not self.remote_url.startswith(_TLS_SCHEMES):
-            raise ConfigError(f"{source}: {tls[0]}: TLS settings need a rediss:// or rediss+cluster:// remote_url, got {self.remote_url!r}")
+            raise ConfigError(
+                f"{source}: {tls[0]}: TLS settings need a rediss:// or rediss+cluster:// remote_url, "
+                f"got {redact_url(self.remote_url)!r}"
+            )
         if (self.remote_tls_cert is None) != (self.remote_tls_key is None):
             given = "remote_tls_cert" if self.remote_tls_cert is not None else "remote_tls_key"
             raise ConfigError(f"{source}: {given}: a client certificate needs both remote_tls_cert and remote_tls_key, got only {given}")
@@ -281,7 +308,30 @@ def default_mp_socket() -> str:
     return os.path.join(tempfile.gettempdir(), f"lmc-transfer-{os.getuid()}", "daemon.sock")
 
 
-def _is_loopback(host: str) -> bool:
+_FIELDS = {f.name: f for f in dataclasses.fields(LMCTransferConfig)}
+
+
+def _shown(name: str, value: Any) -> str:
+    return _FIELDS[name].metadata["shown"](value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` for messages and logs: the user info's password and every query value hidden."""
+    scheme, sep, rest = url.partition("://")
+    rest, _, _fragment = rest.partition("#")
+    rest, qmark, query = rest.partition("?")
+    userinfo, at, hostpath = rest.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}:***@{hostpath}" if colon else f"***@{hostpath}"
+    if qmark:
+        names = [part.partition("=")[0] for part in query.split("&") if part]
+        rest += "?" + "&".join(f"{name}=***" for name in names)
+    return f"{scheme}{sep}{rest}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (the only hosts TCP may bind by default)."""
     if host == "localhost":
         return True
     try:
@@ -291,13 +341,33 @@ def _is_loopback(host: str) -> bool:
 
 
 def load_config(path: str | os.PathLike[str]) -> LMCTransferConfig:
-    """Read and validate a YAML config file; raises ConfigError (a ValueError) naming the file."""
+    """Read and validate a YAML config file; raises ConfigError (a ValueError) naming the file.
+
+    Every error is one line: the file, then what is wrong with it."""
     source = os.fspath(path)
     try:
-        with open(source, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(source, "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config file: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     return LMCTransferConfig.from_dict(data, source=source)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own message spans several, with a snippet)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"

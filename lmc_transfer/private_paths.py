@@ -30,14 +30,30 @@ def ensure_private_dir(directory: str | os.PathLike[str], what: str = "runtime d
         except FileExistsError:
             continue  # created meanwhile by someone else: the check below decides
         os.chmod(new, 0o700)  # mkdir's mode went through the umask
-    st = path.stat()
+    check_private_dir(path, what)
+    return path
+
+
+def check_private_dir(directory: str | os.PathLike[str], what: str = "runtime directory") -> None:
+    """The check of ``ensure_private_dir`` on an existing directory (FileNotFoundError if none)."""
+    st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
         raise PermissionError(
-            f"{what} {path} must be owned by uid {os.getuid()}, a directory and not group/other-writable, "
-            f"got {kind} with owner uid {st.st_uid} and mode {oct(st.st_mode & 0o777)}"
+            f"{what} {directory} must be owned by uid {os.getuid()}, a directory and not group/other-writable, "
+            f"got {kind} with owner uid {st.st_uid} and mode {oct(st.st_mode & 0o7777)}"
         )
-    return path
+
+
+def check_private_file(st: os.stat_result, what: str) -> None:
+    """PermissionError unless ``st`` (an fstat of an open file) is a regular file of this uid
+    that group and others cannot access (mode 0600 or stricter)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"{what} must be a regular file owned by uid {os.getuid()} with mode 0600, got "
+            f"{'a regular file' if stat.S_ISREG(st.st_mode) else 'no regular file'} owned by uid {st.st_uid} "
+            f"with mode {oct(st.st_mode & 0o777)}"
+        )
 
 
 def create_private_file(path: str | os.PathLike[str]) -> int:

@@ -124,7 +124,7 @@ class Daemon:
         self.wait_ready()
 
     def request(self, msg_type: MsgType, body: dict | None = None, keys: tuple = (), timeout_s: float = 2.0) -> dict:
-        conn = DaemonConnection(self.config.mp_url, self.config.mp_auth_token)
+        conn = DaemonConnection.for_config(self.config)
         try:
             return conn.request(msg_type, body, keys, deadline=time.monotonic() + timeout_s)
         finally:
@@ -202,9 +202,12 @@ class Daemon:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short tmp dir (ipc paths are limited to ~100 bytes)."""
+def workdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short tmp dir (ipc paths are limited to ~100 bytes); it is also this process's (and so
+    every engine's) XDG_RUNTIME_DIR, as it is the daemons' (``daemon_env``): tcp clients find
+    the daemon's token file there."""
     path = Path(tempfile.mkdtemp(prefix="lmct-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
     try:
         yield path
     finally:

@@ -18,8 +18,21 @@ import torch
 import zmq
 
 from lmc_transfer.config import LMCTransferConfig, load_config
-from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, MPStore
-from lmc_transfer.daemon.protocol import KEY_BYTES, MAX_KEYS, PROTOCOL_VERSION, ErrorCode, MsgType, decode_reply
+from lmc_transfer.daemon import auth
+from lmc_transfer.daemon.auth import SessionKey
+from lmc_transfer.daemon.instance import read_token, token_path
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonError, MPStore, UntrustedDaemon
+from lmc_transfer.daemon.protocol import (
+    KEY_BYTES,
+    MAX_KEYS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    MsgType,
+    Reply,
+    Request,
+    decode_reply,
+    encode_request,
+)
 from lmc_transfer.daemon.server import check_bind_address
 from lmc_transfer.daemon.shm import SharedSegment, segment_exists
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
@@ -85,92 +98,183 @@ def test_hello_with_other_geometry_or_chunk_size_is_refused(workdir, daemons):
         MPStore(d.config, make_buffers(1, heads=4))
 
 
-def _garbage_messages(rng: random.Random, epoch: str, token: str | None) -> list[list[bytes]]:
-    import json
+HUGE = "@HUGE@"  # in a header dict: replaced by an integer literal of thousands of digits
 
-    def hdr(**kw) -> bytes:
+
+def _json(header: dict, rng: random.Random) -> bytes:
+    text = json.dumps(header)
+    return text.replace(f'"{HUGE}"', "9" * rng.randrange(21, 6000)).encode()
+
+
+def _garbage_messages(rng: random.Random, epoch: str, session: SessionKey) -> list[list[bytes]]:
+    """Hostile messages: malformed frames and headers, integers past any bound (item 9),
+    requests without, with forged or with tampered sessions (item 1), and sealed garbage that
+    gets past authentication and tests the body checks behind it."""
+
+    def hdr(**kw) -> dict:
         base = {"v": PROTOCOL_VERSION, "type": "LOOKUP", "id": rng.randrange(1, 10**6), "body": {"epoch": epoch}}
-        if token is not None:
-            base["token"] = token
         base.update(kw)
-        return json.dumps(base).encode()
+        return base
+
+    def plain(header: dict, *rest: bytes) -> list[bytes]:
+        return [_json(header, rng), *rest]
+
+    def sealed(header: dict, *rest: bytes) -> list[bytes]:
+        return auth.seal([_json({**header, "session": session.session}, rng), *rest], session)
+
+    def tampered(header: dict, *rest: bytes) -> list[bytes]:
+        frames = sealed(header, *rest)
+        i = rng.randrange(len(frames))
+        frames[i] = frames[i][:-1] + bytes([frames[i][-1] ^ 1]) if frames[i] else b"x"
+        return frames
 
     key = bytes(KEY_BYTES)
-    makers = [
+    nonce = "ab" * 32
+    big_hello = {"geometry": {"kind": "mla", "num_layers": 10**9, "plane_shapes": [[10**9]], "dtype": "float32"},
+                 "chunk_size": CHUNK, "client_id": "x"}
+    unauthenticated = [
         lambda: [rng.randbytes(rng.randrange(0, 200))],
         lambda: [rng.randbytes(rng.randrange(1, 64)) for _ in range(rng.randrange(2, 6))],
-        lambda: [hdr()[: rng.randrange(0, 40)]],
-        lambda: [hdr(type=rng.choice(["", "lookup", "HELLO ", "X" * 300, 5, None]))],
-        lambda: [hdr(v=rng.choice([0, 2, "1", None, 1.5]))],
-        lambda: [hdr(id=rng.choice([-1, 2**64, "7", None, 1.0]))],
-        lambda: [hdr(body=rng.choice([[], "x", 3, None]))],
-        lambda: [hdr(), key[: rng.randrange(0, 32)]],
-        lambda: [hdr(), key + b"\x00"],
-        lambda: [hdr()] + [key] * (MAX_KEYS + 1),
-        lambda: [hdr(nkeys=rng.randrange(0, 5)), key * rng.randrange(0, 5) + key[: rng.choice([0, 1, 31])]],
-        lambda: [hdr(nkeys=rng.choice([-1, MAX_KEYS + 1, "2", None, 1.0])), key],
-        lambda: [hdr(type="PING", nkeys=1), key],
+        lambda: [plain(hdr())[0][: rng.randrange(0, 40)]],
+        lambda: plain(hdr(type=rng.choice(["", "lookup", "HELLO ", "X" * 300, 5, None]))),
+        lambda: plain(hdr(v=rng.choice([0, 2, "1", None, 1.5, HUGE]))),
+        lambda: plain(hdr(id=rng.choice([-1, 2**64, "7", None, 1.0, HUGE]))),
+        lambda: plain(hdr(body=rng.choice([[], "x", 3, None, {"n": HUGE}]))),
+        lambda: plain(hdr(nkeys=rng.choice([HUGE, -1, 1.0])), key),
+        lambda: [b'{"v": 1, "type": "PING", "id": 1, "body": {"x": ' + rng.choice([b"1e999", b"-1e400"]) + b"}}"],
+        lambda: plain(hdr(), key + b"\x00"),
+        lambda: plain(hdr()) + [key] * (MAX_KEYS + 1),
         lambda: [b"{" * 70000],
         lambda: [b" " * 70000 + b"{}"],
-        lambda: [hdr(type="HELLO", body={"geometry": rng.choice([{}, [], {"kind": "mla", "num_layers": -1}]), "chunk_size": CHUNK, "client_id": "x"})],
-        lambda: [hdr(type="HELLO", body={"geometry": {"kind": "mla", "num_layers": 10**9, "plane_shapes": [[10**9]], "dtype": "float32"}, "chunk_size": CHUNK, "client_id": "x"})],
-        lambda: [hdr(type="COMMIT", body={"epoch": epoch, "reservation_id": rng.choice([-5, "1", 2**70, None])})],
-        lambda: [hdr(type="RELEASE", body={"epoch": epoch, "lease_id": rng.randrange(0, 10**9)})],
-        lambda: [hdr(type="ABORT", body={"epoch": epoch, "reservation_id": rng.randrange(0, 10**9)})],
-        lambda: [hdr(type="RESERVE", body={"epoch": epoch, "extra": 1}), key],
-        lambda: [hdr(type="STATS", body={"x": 1})],
-        lambda: [hdr(token="wrong-token")],
-        lambda: [hdr(type="CLEAR", token=rng.choice(["", "wrong", "x" * 1000]))],
+        lambda: plain(hdr(type="HELLO", body={"geometry": {"kind": "nope"}, "chunk_size": 3, "client_id": "x"})),
+        lambda: plain(hdr(type="RESERVE", nkeys=1), key),
+        lambda: plain(hdr(type="COMMIT", body={"epoch": epoch, "reservation_id": 1})),
+        lambda: plain(hdr(type="CLEAR", body={})),
+        lambda: plain(hdr(type="STATS", body={})),
+        lambda: plain(hdr(token=rng.choice(["t0ken", "", "x" * 1000]))),
+        lambda: plain(hdr(session=rng.choice(["", "x" * 40, session.session, 7]))),  # a real id, no MAC
+        lambda: plain(hdr(session=session.session, type="PING", body={}), rng.randbytes(32)),  # forged MAC
+        lambda: tampered(hdr(type="PING", body={})),
+        lambda: tampered(hdr(nkeys=2), key * 2),
+        lambda: plain(hdr(type="CHALLENGE", body={"client_nonce": rng.choice(["", "zz" * 32, "0" * 63, 5, HUGE])})),
+        lambda: plain(hdr(type="CHALLENGE", body={"client_nonce": nonce})),  # answered: a nonce and a proof
+        lambda: plain(hdr(type="CHALLENGE", body={"client_nonce": nonce}, session=session.session)),
+        lambda: plain(hdr(type="AUTH", body={"daemon_nonce": nonce, "proof": rng.choice([nonce, "0" * 64])})),
+        lambda: plain(hdr(type="AUTH", body={"daemon_nonce": nonce})),
     ]
-    return [rng.choice(makers)() for _ in range(3000)]
+    authenticated = [
+        lambda: sealed(hdr(type=rng.choice(["", "EXPLODE", None]))),
+        lambda: sealed(hdr(id=HUGE)),
+        lambda: sealed(hdr(type="COMMIT", body={"epoch": epoch, "reservation_id": rng.choice([-5, "1", 2**70, None, HUGE])})),
+        lambda: sealed(hdr(type="RELEASE", body={"epoch": epoch, "lease_id": rng.randrange(0, 10**9)})),
+        lambda: sealed(hdr(type="ABORT", body={"epoch": epoch, "reservation_id": rng.randrange(0, 10**9)})),
+        lambda: sealed(hdr(type="RESERVE", body={"epoch": epoch, "extra": 1}, nkeys=1), key),
+        lambda: sealed(hdr(nkeys=rng.randrange(0, 5)), key * rng.randrange(0, 5) + key[: rng.choice([0, 1, 31])]),
+        lambda: sealed(hdr(nkeys=HUGE), key),
+        lambda: sealed(hdr(type="PING", nkeys=1), key),
+        lambda: sealed(hdr(type="HELLO", body=rng.choice([big_hello, {"geometry": [], "chunk_size": CHUNK, "client_id": "x"}]))),
+        lambda: sealed(hdr(type="STATS", body={"x": 1})),
+        lambda: sealed(hdr(type="LOOKUP", body={"epoch": "stale"}, nkeys=1), key),
+        lambda: sealed(hdr(type="AUTH", body={"daemon_nonce": nonce, "proof": nonce})),
+    ]
+    return [rng.choice(rng.choice([unauthenticated, authenticated]))() for _ in range(3000)]
 
 
-def test_fuzz_garbage_never_kills_the_daemon(workdir, daemons):
-    token = "t0ken"
-    d = start_daemon(daemons, write_config(workdir, mp_auth_token=token, max_local_cpu_size=8 * SLAB_BYTES / 1024**3))
+def _open_session(sock: zmq.Socket, token: str) -> SessionKey:
+    """The handshake of lmc_transfer.daemon.auth over a raw socket, step by step."""
+    client_nonce = auth.new_nonce()
+    sock.send_multipart(encode_request(Request(MsgType.CHALLENGE, 1, {"client_nonce": client_nonce})))
+    challenge = decode_reply(sock.recv_multipart())
+    assert challenge.ok and challenge.auth is None and set(challenge.body) == {"daemon_nonce", "proof"}
+    daemon_nonce = challenge.body["daemon_nonce"]
+    assert auth.same(auth.daemon_proof(token, client_nonce, daemon_nonce), challenge.body["proof"])
+    session = auth.derive_session(token, client_nonce, daemon_nonce)
+    proof = auth.client_proof(token, client_nonce, daemon_nonce)
+    sock.send_multipart(encode_request(Request(MsgType.AUTH, 2, {"daemon_nonce": daemon_nonce, "proof": proof})))
+    opened = decode_reply(sock.recv_multipart(), session)
+    assert opened.ok and opened.auth == session
+    return session
+
+
+#: Words an error reply to an unauthenticated peer must not contain: they would describe the pool.
+POOL_WORDS = ("geometry", "slab", "segment", "num_layers", "chunk_size", "epoch", "lmct-", str(SLAB_BYTES))
+
+
+@pytest.mark.parametrize("endpoint", ["ipc with mp_auth_token", "tcp without mp_auth_token"])
+def test_fuzz_garbage_never_kills_the_daemon(workdir, daemons, endpoint):
+    if endpoint.startswith("ipc"):
+        cfg = write_config(workdir, mp_auth_token="t0ken", max_local_cpu_size=8 * SLAB_BYTES / 1024**3)
+    else:
+        cfg = write_config(workdir, mp_socket=None, mp_host="127.0.0.1", mp_port=_free_port(),
+                           max_local_cpu_size=8 * SLAB_BYTES / 1024**3)
+    d = start_daemon(daemons, cfg)
+    token = d.config.mp_auth_token or read_token(token_path(d.config))
     store = MPStore(d.config, make_buffers(11))
     try:
         stats0 = d.stats()
-        rng = random.Random(1234)
-        messages = _garbage_messages(rng, store._session.epoch, token)
+        log_bytes0 = d.log_path.stat().st_size
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
         sock.connect(d.config.mp_url)
-        replies = 0
+        session = _open_session(sock, token)
+        messages = _garbage_messages(random.Random(1234), store._session.epoch, session)
+        replies: list[Reply] = []
         start = time.monotonic()
+
+        def receive() -> None:
+            replies.append(decode_reply(sock.recv_multipart(), session))  # every reply is well-formed
+
         try:
             for i, msg in enumerate(messages):
                 sock.send_multipart(msg)
                 if i % 50 == 49:  # keep the queues short
                     while sock.poll(0):
-                        sock.recv_multipart()
-                        replies += 1
+                        receive()
             deadline = time.monotonic() + 20
-            while replies < len(messages) and time.monotonic() < deadline:
+            while len(replies) < len(messages) and time.monotonic() < deadline:
                 if sock.poll(200):
-                    frames = sock.recv_multipart()
-                    reply = decode_reply(frames)  # every reply is well-formed
-                    assert reply.ok is False or reply.body is not None
-                    replies += 1
+                    receive()
         finally:
             sock.close()
             ctx.term()
         assert time.monotonic() - start < 60
         assert d.alive()
-        # Everything got an answer; only the structurally valid RELEASE/ABORT succeed.
-        assert replies == len(messages)
+        assert len(replies) == len(messages)  # everything got an answer
+        assert [r for r in replies if r.code is ErrorCode.INTERNAL] == []  # nothing escaped the checks
+        for r in replies:
+            if r.auth is not None:
+                continue
+            # What an unauthenticated peer learns: a CHALLENGE's nonce and proof, or an error about its message.
+            if r.ok:
+                assert set(r.body) == {"daemon_nonce", "proof"}
+            else:
+                assert r.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNAUTHORIZED, ErrorCode.VERSION), r
+                assert not [w for w in POOL_WORDS if w in r.error], r.error
+        assert sum(r.auth is not None for r in replies) > len(messages) // 4
+        assert sum(r.code is ErrorCode.UNAUTHORIZED for r in replies) > len(messages) // 4
+        assert d.log_path.stat().st_size - log_bytes0 < 2000, "bad input must not fill the log"
         stats = d.stats()
-        assert stats["counters"]["requests"] - stats0["counters"]["requests"] == len(messages) + 1
+        # the messages, the raw handshake (2) and this STATS call's handshake and request (3)
+        assert stats["counters"]["requests"] - stats0["counters"]["requests"] == len(messages) + 5
         assert stats["counters"]["errors"] > len(messages) // 2
-        # a wrong token gets "unauthorized" and the good client still works byte-exact
-        with pytest.raises(DaemonError) as info:
-            conn = DaemonConnection(d.config.mp_url, "wrong")
-            try:
+        assert (stats["pool"]["reservations"], stats["pool"]["committed_chunks"]) == (0, 0)
+        # a client with a wrong token sends nothing past its nonce; one without a token is refused
+        conn = DaemonConnection(d.config.mp_url, "wrong")
+        try:
+            with pytest.raises(UntrustedDaemon, match="did not prove it knows the token"):
                 conn.request(MsgType.PING, deadline=time.monotonic() + 2)
-            finally:
-                conn.close()
-        assert info.value.code is ErrorCode.UNAUTHORIZED
+        finally:
+            conn.close()
+        conn = DaemonConnection(d.config.mp_url)
+        try:
+            with pytest.raises(DaemonError) as info:
+                conn.request(MsgType.PING, deadline=time.monotonic() + 2)
+            assert info.value.code is ErrorCode.UNAUTHORIZED and "authenticate first" in str(info.value)
+        finally:
+            conn.close()
+        # and the good client still works byte-exact
         keys = [bytes([i + 1]) * 32 for i in range(4)]
         res = store.reserve(keys)
         assert store.save(res, torch.arange(4 * CHUNK)) == 4
@@ -226,19 +330,19 @@ def test_stats_counters_are_consistent(workdir, daemons):
         assert lease.num_chunks == 4
         assert store.lookup(keys[4:]).num_chunks == 0  # 2 misses
         stats = store.daemon_stats()
-        c = stats["counters"]
-        assert (c["lookups"], c["hit_chunks"], c["miss_chunks"]) == (2, 4, 4)
-        assert (c["reserved_chunks"], c["committed_chunks"], c["committed_bytes"]) == (4, 4, 4 * SLAB_BYTES)
-        assert stats["hit_rate"] == 0.5
-        assert stats["clients"] == 1
-        pool = stats["pool"]
-        assert (pool["committed_chunks"], pool["pinned_slabs"], pool["leases"], pool["used_slabs"]) == (4, 4, 1, 4)
+        c = stats.counters
+        assert (c.lookups, c.hit_chunks, c.miss_chunks) == (2, 4, 4)
+        assert (c.reserved_chunks, c.committed_chunks, c.committed_bytes) == (4, 4, 4 * SLAB_BYTES)
+        assert stats.hit_rate == 0.5
+        assert stats.clients == 1
+        pool = stats.pool
+        assert (pool.committed_chunks, pool.pinned_slabs, pool.leases, pool.used_slabs) == (4, 4, 1, 4)
         store.release(lease)
         local = store.stats()
         assert (local.lookups, local.hit_chunks, local.miss_chunks, local.stored_chunks) == (2, 4, 4, 4)
         store.clear()
-        pool = store.daemon_stats()["pool"]
-        assert (pool["committed_chunks"], pool["pinned_slabs"], pool["used_slabs"]) == (0, 0, 0)
+        pool = store.daemon_stats().pool
+        assert (pool.committed_chunks, pool.pinned_slabs, pool.used_slabs) == (0, 0, 0)
     finally:
         store.close()
 

@@ -20,12 +20,12 @@ from lmc_transfer.daemon.protocol import (
     Request,
     body_int,
     body_str,
-    check_token,
     decode_reply,
     decode_request,
     encode_reply,
     encode_request,
 )
+from lmc_transfer.daemon.auth import SessionKey
 from lmc_transfer.daemon.shm import SLAB_ALIGN, SharedSegment, segment_bytes, segment_exists
 
 KEYS = tuple(bytes([i]) * KEY_BYTES for i in range(3))
@@ -37,12 +37,17 @@ def header(**fields) -> bytes:
     return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
 
 
+SESSION = SessionKey("0" * 32, bytes(range(32)))
+
+
 def test_request_round_trip_keeps_every_field():
-    req = Request(MsgType.LOOKUP, 42, {"epoch": "abc"}, KEYS, token="s3cret")
+    req = Request(MsgType.LOOKUP, 42, {"epoch": "abc"}, KEYS, auth=SESSION)
     frames = encode_request(req)
-    assert len(frames) == 2 and frames[1] == b"".join(KEYS)
-    assert json.loads(frames[0])["nkeys"] == 3
-    assert decode_request(frames) == req
+    assert len(frames) == 3 and frames[1] == b"".join(KEYS) and len(frames[2]) == 32  # header, keys, MAC
+    assert json.loads(frames[0])["nkeys"] == 3 and json.loads(frames[0])["session"] == SESSION.session
+    assert decode_request(frames, lambda msg_type, session: SESSION) == req
+    unsealed = Request(MsgType.LOOKUP, 42, {"epoch": "abc"}, KEYS)
+    assert len(encode_request(unsealed)) == 2 and decode_request(encode_request(unsealed)) == unsealed
     ping = encode_request(Request(MsgType.PING, 1))
     assert len(ping) == 1 and "nkeys" not in json.loads(ping[0])
     empty = encode_request(Request(MsgType.RESERVE, 2))
@@ -79,7 +84,13 @@ def test_reply_round_trip_ok_and_error():
         ([header(type="EXPLODE")], ErrorCode.BAD_REQUEST, "unknown message type 'EXPLODE'"),
         ([header(type=None)], ErrorCode.BAD_REQUEST, "unknown message type None"),
         ([header(body=[])], ErrorCode.BAD_REQUEST, "body must be a JSON object, got list"),
-        ([header(token=5)], ErrorCode.BAD_REQUEST, "token must be a string"),
+        ([header(session=5)], ErrorCode.BAD_REQUEST, "session must be a string"),
+        ([header(session="s")], ErrorCode.UNAUTHORIZED, "message of an unknown session 's'"),
+        ([header(token="s3cret")], ErrorCode.BAD_REQUEST, "unknown fields ['token']"),
+        ([b'{"v": 1, "type": "PING", "id": 1' + b"0" * 5000 + b"}"], ErrorCode.BAD_REQUEST,
+         "an integer of 5001 characters; at most 20 digits"),
+        ([header(id=10**20)], ErrorCode.BAD_REQUEST, "an integer of 21 characters"),
+        ([b'{"v": 1, "type": "PING", "id": 1, "body": {"x": 1e999}}'], ErrorCode.BAD_REQUEST, "not a finite float"),
         ([header(), KEYS[0]], ErrorCode.BAD_REQUEST, "PING takes no key frame and no nkeys field"),
         ([header(nkeys=0)], ErrorCode.BAD_REQUEST, "PING takes no key frame and no nkeys field"),
         ([header(type="LOOKUP"), KEYS[0]], ErrorCode.BAD_REQUEST, "nkeys must be an integer in [0, 4096]"),
@@ -146,14 +157,57 @@ def test_decode_reply_rejects_with_a_named_problem(frames, fragment):
     assert fragment in str(info.value)
 
 
-def test_check_token():
-    check_token(None, None)
-    check_token(None, "anything")
-    check_token("right", "right")
-    for given in (None, "wrong", "righ", "right "):
-        with pytest.raises(ProtocolError) as info:
-            check_token("right", given)
-        assert info.value.code is ErrorCode.UNAUTHORIZED
+def test_authorize_runs_before_anything_but_type_and_session_is_parsed():
+    seen = []
+
+    def refuse(msg_type, session):
+        seen.append((msg_type, session))
+        raise ProtocolError("no", code=ErrorCode.UNAUTHORIZED)
+
+    # Every problem after type and session (unknown field, bad id, bad nkeys, key frame size) loses to authorize.
+    bad = [header(type="LOOKUP", id=-1, nkeys=10**9, extra=1, body=[]), b"x" * 7]
+    with pytest.raises(ProtocolError) as info:
+        decode_request(bad, refuse)
+    assert info.value.code is ErrorCode.UNAUTHORIZED and seen == [(MsgType.LOOKUP, None)]
+
+
+@pytest.mark.parametrize("where", ["header", "keys", "mac"])
+def test_a_sealed_request_with_any_byte_changed_is_unauthorized(where):
+    frames = encode_request(Request(MsgType.LOOKUP, 5, {"epoch": "e"}, KEYS, auth=SESSION))
+    if where == "header":
+        frames[0] = frames[0].replace(b'"id":5', b'"id":6')  # still valid JSON, same session
+    else:
+        i = {"keys": 1, "mac": 2}[where]
+        frames[i] = frames[i][:-1] + bytes([frames[i][-1] ^ 1])
+    with pytest.raises(ProtocolError) as info:
+        decode_request(frames, lambda msg_type, session: SESSION)
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+
+
+def test_moving_bytes_between_frames_breaks_the_mac():
+    frames = encode_request(Request(MsgType.LOOKUP, 5, {"epoch": "e"}, KEYS[:1], auth=SESSION))
+    other = SessionKey(SESSION.session, bytes(32))
+    with pytest.raises(ProtocolError, match="without a valid MAC frame"):
+        decode_request(frames, lambda msg_type, session: other)
+    joined = [frames[0] + frames[1][:1], frames[1][1:], frames[2]]
+    with pytest.raises(ProtocolError):
+        decode_request(joined, lambda msg_type, session: SESSION)
+
+
+def test_sealed_replies_name_their_session_and_unsealed_ones_none():
+    ok = Reply(7, True, {"lease_id": 3, "slab_ids": [1, 2], "generations": [5, 6]}, auth=SESSION)
+    frames = encode_reply(ok)
+    assert len(frames) == 3 and json.loads(frames[0])["session"] == SESSION.session
+    assert decode_reply(frames, SESSION) == ok
+    plain = encode_reply(Reply(7, False, code=ErrorCode.UNAUTHORIZED, error="who?"))
+    assert decode_reply(plain, SESSION).auth is None  # the caller decides what an unsealed reply means
+    with pytest.raises(ProtocolError, match="unknown session"):
+        decode_reply(frames, None)
+    with pytest.raises(ProtocolError, match="unknown session"):
+        decode_reply(frames, SessionKey("f" * 32, SESSION.key))
+    frames[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 1])
+    with pytest.raises(ProtocolError, match="without a valid MAC"):
+        decode_reply(frames, SESSION)
 
 
 def test_body_accessors_name_the_field():

@@ -16,13 +16,10 @@ from typing import Any, Callable
 
 @dataclass
 class Deferred:
-    """A reply that needs slow I/O first: ``finish(work())`` is its body."""
+    """A reply that needs slow I/O first: ``finish(work())`` is its body (a messages.Body)."""
 
     work: Callable[[], Any]
-    finish: Callable[[Any], dict[str, Any]]
-
-    def run(self) -> dict[str, Any]:
-        return self.finish(self.work())
+    finish: Callable[[Any], Any]
 
 
 @dataclass

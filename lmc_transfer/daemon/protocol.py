@@ -7,9 +7,13 @@ One frame instead of one per key because ZMQ's per-frame cost dominated a
 128-key LOOKUP. No pickle: the daemon parses untrusted input with ``json`` and
 length checks only.
 
-Request header: ``{"v": PROTOCOL_VERSION, "type": "LOOKUP", "id": 7, "token": "...",
-"nkeys": 128, "body": {...}}`` (``token`` only when the daemon has a shared
-secret; ``nkeys`` on keyed requests only, and required there).
+Request header: ``{"v": PROTOCOL_VERSION, "type": "LOOKUP", "id": 7, "session": "...",
+"nkeys": 128, "body": {...}}`` (``nkeys`` on keyed requests only, and required there).
+A header with ``session`` (a daemon with a token, after the handshake of
+lmc_transfer.daemon.auth) belongs to a sealed message: its last frame is the session's MAC
+over the frames before it, checked and stripped before anything but the header's type and
+session is read. Replies to sealed requests are sealed the same way.
+The typed bodies of every message type are in lmc_transfer.daemon.messages.
 Reply header: ``{"v": PROTOCOL_VERSION, "id": 7, "ok": true, "body": {...}}`` or
 ``{"v": ..., "id": 7, "ok": false, "code": "bad_request", "error": "..."}``.
 Replies carry the integer lists of ``ARRAY_FIELDS`` (slab ids, generations, chunk
@@ -20,21 +24,25 @@ little-endian uint64. ``encode_reply`` moves those body fields there and
 
 Decoding is strict: unknown fields, wrong types, bad sizes and unknown types raise
 ``ProtocolError`` whose message names the problem; the daemon sends that message
-back as an error reply.
+back as an error reply. JSON integers longer than ``MAX_INT_DIGITS`` and non-finite
+numbers are refused while parsing (Python would otherwise spend time on, or refuse
+with an unrelated error, integers of thousands of digits). ``decode_request`` asks
+its ``authorize`` callback about the type and session before it parses anything else.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-import hmac
 import json
+import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lmc_transfer.daemon.auth import SessionKey, seal, unseal
 from lmc_transfer.keys import KEY_BYTES, check_keys
 
 PROTOCOL_VERSION = 1
@@ -43,9 +51,13 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_KEYS = 4096
 #: Request ids are JSON integers; keep them exactly representable everywhere.
 MAX_REQUEST_ID = 2**53 - 1
+#: Every integer of the protocol fits in a uint64 (20 digits).
+MAX_INT_DIGITS = 20
 
 
 class MsgType(str, enum.Enum):
+    CHALLENGE = "CHALLENGE"  # the two handshake steps (lmc_transfer.daemon.auth)
+    AUTH = "AUTH"
     HELLO = "HELLO"
     LOOKUP = "LOOKUP"
     RESERVE = "RESERVE"
@@ -59,6 +71,8 @@ class MsgType(str, enum.Enum):
 
 #: Request types that carry the key frame; every other type must carry none.
 KEYED_TYPES = frozenset({MsgType.LOOKUP, MsgType.RESERVE})
+#: The only requests a daemon with a token answers without a session.
+HANDSHAKE_TYPES = frozenset({MsgType.CHALLENGE, MsgType.AUTH})
 
 
 class ErrorCode(str, enum.Enum):
@@ -84,7 +98,7 @@ class Request:
     request_id: int
     body: dict[str, Any] = field(default_factory=dict)
     keys: tuple[bytes, ...] = ()
-    token: str | None = None
+    auth: SessionKey | None = None  # the session that seals it (encoding) or sealed it (decoded)
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,11 @@ class Reply:
     body: dict[str, Any] = field(default_factory=dict)
     code: ErrorCode | None = None
     error: str | None = None
+    auth: SessionKey | None = None  # as in Request: a decoded reply has it only if its MAC held
 
 
-_REQUEST_FIELDS = {"v", "type", "id", "token", "nkeys", "body"}
-_REPLY_FIELDS = {"v", "id", "ok", "body", "code", "error", "arrays", "alen"}
+_REQUEST_FIELDS = {"v", "type", "id", "session", "nkeys", "body"}
+_REPLY_FIELDS = {"v", "id", "ok", "session", "body", "code", "error", "arrays", "alen"}
 #: Reply body fields that travel as the raw uint64 array frame; all have one length.
 ARRAY_FIELDS = ("chunk_indices", "slab_ids", "generations")
 _U64 = np.dtype("<u8")
@@ -114,7 +129,9 @@ def _loads(frame: bytes, what: str) -> dict[str, Any]:
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError(f"{what} header frame is {len(frame)} bytes, the limit is {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(frame).decode("utf-8"), parse_constant=_reject_constant)
+        header = json.loads(
+            bytes(frame).decode("utf-8"), parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"{what} header frame is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -124,6 +141,19 @@ def _loads(frame: bytes, what: str) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ProtocolError(f"header contains the non-JSON constant {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError(f"header contains an integer of {len(text)} characters; at most {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"header contains the number {text:.32} that is not a finite float")
+    return value
 
 
 def _check_version(header: dict[str, Any]) -> None:
@@ -141,14 +171,10 @@ def _check_id(header: dict[str, Any]) -> int:
     return request_id
 
 
-def _parse_header(frame: bytes, what: str, fields: set[str]) -> tuple[dict[str, Any], int]:
-    """The checks every header gets: JSON object, known fields only, version, request id."""
-    header = _loads(frame, what)
+def _check_fields(header: dict[str, Any], what: str, fields: set[str]) -> None:
     extra = set(header) - fields
     if extra:
-        raise ProtocolError(f"{what} header has unknown fields {sorted(extra)}")
-    _check_version(header)
-    return header, _check_id(header)
+        raise ProtocolError(f"{what} header has unknown fields {sorted(extra)!r:.200}")
 
 
 def is_int(value: Any) -> bool:
@@ -171,37 +197,81 @@ def split_keys(blob: bytes, nkeys: int) -> tuple[bytes, ...]:
     return _key_splitter(nkeys).unpack(blob) if nkeys else ()
 
 
+def _sealed(header: dict[str, Any], frames: list[bytes], auth: SessionKey | None) -> list[bytes]:
+    """The header frame first, then ``frames``; sealed (and naming its session) under ``auth``."""
+    if auth is None:
+        return [_dumps(header), *frames]
+    header["session"] = auth.session
+    return seal([_dumps(header), *frames], auth)
+
+
+def _unsealed(header: dict[str, Any], frames: Sequence[bytes], auth: SessionKey | None) -> Sequence[bytes]:
+    """The frames of a message without its MAC frame; ``auth`` is the session its header names."""
+    session = header.get("session")
+    if session is None:
+        return frames
+    if auth is None or session != auth.session:
+        raise ProtocolError(f"message of an unknown session {session!r:.40}", code=ErrorCode.UNAUTHORIZED)
+    inner = unseal(frames, auth)
+    if inner is None:
+        raise ProtocolError("sealed message without a valid MAC frame", code=ErrorCode.UNAUTHORIZED)
+    return inner
+
+
 def encode_request(request: Request) -> list[bytes]:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": request.type.value, "id": request.request_id, "body": request.body}
-    if request.token is not None:
-        header["token"] = request.token
     keys = check_keys(request.keys, ValueError, limit=MAX_KEYS)
     if request.type not in KEYED_TYPES:
         if keys:
             raise ValueError(f"keys: {request.type.value} takes no keys, got {len(keys)}")
-        return [_dumps(header)]
+        return _sealed(header, [], request.auth)
     header["nkeys"] = len(keys)
-    return [_dumps(header), b"".join(keys)]
+    return _sealed(header, [b"".join(keys)], request.auth)
 
 
-def decode_request(frames: Sequence[bytes]) -> Request:
-    """Parse a request; ``frames`` excludes the ROUTER identity frame."""
+#: ``authorize(type, session)``: the session's key, or None for a request that needs none;
+#: raises ProtocolError(UNAUTHORIZED) for a request the peer may not make.
+Authorize = Callable[[MsgType, "str | None"], "SessionKey | None"]
+
+
+def request_id_of(frames: Sequence[bytes]) -> int:
+    """The request id a rejected message's header names, else 0 (what its error reply carries)."""
+    try:
+        header = _loads(frames[0], "request")
+        return _check_id(header)
+    except (ProtocolError, IndexError):
+        return 0
+
+
+def decode_request(frames: Sequence[bytes], authorize: Authorize | None = None) -> Request:
+    """Parse a request; ``frames`` excludes the ROUTER identity frame.
+
+    ``authorize`` runs once the header is JSON of this version with a known type, before the
+    MAC frame is checked and before the body, the keys or any other field is looked at; without
+    it, only unsealed requests decode."""
     if not frames:
         raise ProtocolError("empty message: expected a header frame")
-    if len(frames) > 2:
-        raise ProtocolError(f"message has {len(frames)} frames, expected a header and at most one key frame")
-    header, request_id = _parse_header(frames[0], "request", _REQUEST_FIELDS)
+    if len(frames) > 3:
+        raise ProtocolError(f"message has {len(frames)} frames, expected a header, at most one key frame and a MAC")
+    header = _loads(frames[0], "request")
+    _check_version(header)
     raw_type = header.get("type")
     try:
         msg_type = MsgType(raw_type)
-    except ValueError:
+    except (ValueError, TypeError):
         raise ProtocolError(f"unknown message type {raw_type!r:.64}; expected one of {[t.value for t in MsgType]}") from None
+    session = header.get("session")
+    if session is not None and not isinstance(session, str):
+        raise ProtocolError(f"session must be a string, got {type(session).__name__}")
+    auth = authorize(msg_type, session) if authorize is not None else None
+    frames = _unsealed(header, frames, auth)
+    if len(frames) > 2:
+        raise ProtocolError(f"message has {len(frames)} frames, expected a header and at most one key frame")
+    _check_fields(header, "request", _REQUEST_FIELDS)
+    request_id = _check_id(header)
     body = header.get("body", {})
     if not isinstance(body, dict):
         raise ProtocolError(f"body must be a JSON object, got {type(body).__name__}")
-    token = header.get("token")
-    if token is not None and not isinstance(token, str):
-        raise ProtocolError(f"token must be a string, got {type(token).__name__}")
     keys: tuple[bytes, ...] = ()
     if msg_type in KEYED_TYPES:
         nkeys = header.get("nkeys")
@@ -212,7 +282,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         keys = split_keys(bytes(frames[1]), nkeys)
     elif len(frames) > 1 or "nkeys" in header:
         raise ProtocolError(f"{msg_type.value} takes no key frame and no nkeys field")
-    return Request(type=msg_type, request_id=request_id, body=body, keys=keys, token=token)
+    return Request(type=msg_type, request_id=request_id, body=body, keys=keys, auth=auth if session is not None else None)
 
 
 def encode_reply(reply: Reply) -> list[bytes]:
@@ -220,24 +290,32 @@ def encode_reply(reply: Reply) -> list[bytes]:
     if not reply.ok:
         header["code"] = (reply.code or ErrorCode.INTERNAL).value
         header["error"] = reply.error or ""
-        return [_dumps(header)]
+        return _sealed(header, [], reply.auth)
     names = [name for name in ARRAY_FIELDS if name in reply.body]
     if not names:
         header["body"] = reply.body
-        return [_dumps(header)]
+        return _sealed(header, [], reply.auth)
     header["body"] = {k: v for k, v in reply.body.items() if k not in names}
     arrays = [np.asarray(reply.body[name], dtype=_U64) for name in names]
     if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
         raise ValueError(f"reply arrays {names} must be 1-D and of one length, got shapes {[a.shape for a in arrays]}")
     header["arrays"] = names
     header["alen"] = len(arrays[0])
-    return [_dumps(header), b"".join(a.tobytes() for a in arrays)]
+    return _sealed(header, [b"".join(a.tobytes() for a in arrays)], reply.auth)
 
 
-def decode_reply(frames: Sequence[bytes]) -> Reply:
+def decode_reply(frames: Sequence[bytes], auth: SessionKey | None = None) -> Reply:
+    """Parse a reply; a sealed one must be sealed by ``auth`` (the client's session)."""
+    if not frames:
+        raise ProtocolError("a reply is one header frame and at most one array frame, got 0 frames")
+    header = _loads(frames[0], "reply")
+    frames = _unsealed(header, frames, auth)
+    sealed_by = auth if "session" in header else None
     if len(frames) not in (1, 2):
         raise ProtocolError(f"a reply is one header frame and at most one array frame, got {len(frames)} frames")
-    header, request_id = _parse_header(frames[0], "reply", _REPLY_FIELDS)
+    _check_fields(header, "reply", _REPLY_FIELDS)
+    _check_version(header)
+    request_id = _check_id(header)
     ok = header.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError(f"ok must be a boolean, got {ok!r}")
@@ -250,7 +328,7 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
             raise ProtocolError(f"body must be a JSON object, got {type(body).__name__}")
         if has_arrays:
             body = {**body, **_decode_arrays(header, frames[1], body)}
-        return Reply(request_id=request_id, ok=True, body=body)
+        return Reply(request_id=request_id, ok=True, body=body, auth=sealed_by)
     try:
         code = ErrorCode(header.get("code"))
     except ValueError:
@@ -258,7 +336,7 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
     error = header.get("error")
     if not isinstance(error, str):
         raise ProtocolError(f"error must be a string, got {type(error).__name__}")
-    return Reply(request_id=request_id, ok=False, code=code, error=error)
+    return Reply(request_id=request_id, ok=False, code=code, error=error, auth=sealed_by)
 
 
 def _decode_arrays(header: dict[str, Any], frame: bytes, body: dict[str, Any]) -> dict[str, list[int]]:
@@ -281,14 +359,6 @@ def _decode_arrays(header: dict[str, Any], frame: bytes, body: dict[str, Any]) -
     return dict(zip(names, rows))
 
 
-def check_token(expected: str | None, given: str | None) -> None:
-    """Raise ``ProtocolError(UNAUTHORIZED)`` unless ``given`` matches; constant time."""
-    if expected is None:
-        return
-    if given is None or not hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8")):
-        raise ProtocolError("missing or wrong auth token", code=ErrorCode.UNAUTHORIZED)
-
-
 # -- typed access to request bodies (the server's view of untrusted JSON) ------------
 
 
@@ -306,16 +376,3 @@ def body_str(body: dict[str, Any], name: str, *, max_len: int = 256, optional: b
     if not isinstance(value, str) or len(value) > max_len:
         raise ProtocolError(f"body.{name} must be a string of at most {max_len} characters, got {value!r:.64}")
     return value
-
-
-def body_dict(body: dict[str, Any], name: str) -> dict[str, Any]:
-    value = body.get(name)
-    if not isinstance(value, dict):
-        raise ProtocolError(f"body.{name} must be a JSON object, got {value!r:.64}")
-    return value
-
-
-def check_body_fields(body: dict[str, Any], allowed: Sequence[str], msg_type: MsgType) -> None:
-    extra = set(body) - set(allowed)
-    if extra:
-        raise ProtocolError(f"{msg_type.value} body has unknown fields {sorted(extra)}; allowed: {sorted(allowed)}")

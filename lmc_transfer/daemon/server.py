@@ -11,6 +11,12 @@ is true. One daemon per endpoint: a second one refuses to start, and a daemon
 killed with -9 has its shared-memory segment unlinked by the next one
 (lmc_transfer.daemon.instance).
 
+Who may talk to it: over ipc, whoever can open the socket (only this uid: the socket is 0600
+in a private directory). With a token (``mp_auth_token``, or over TCP without one a random
+token per start, written 0600 beside the lock file for same-uid clients), only peers that
+complete the handshake of lmc_transfer.daemon.auth; everything else they send is answered
+``unauthorized`` and nothing about the pool.
+
 The pool does not exist until the first HELLO: its geometry (and so the slab size)
 comes from the engine. The segment then holds ``max_local_cpu_size // slab_bytes``
 slabs; a later HELLO with another geometry or chunk size is refused. Every HELLO
@@ -25,14 +31,12 @@ when it is done, so slow tier I/O never delays other clients; a promotion stops
 after half of ``lookup_timeout_ms`` and answers with what it has. Leases and
 reservations expire (``lease_ttl_s``), so a dead engine pins nothing for long.
 Any request that fails to parse or validate gets an error reply; the daemon
-never dies on input.
+never dies on input, and logs unexpected errors at a bounded rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
 import logging
 import os
 import secrets
@@ -40,38 +44,53 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
-from lmc_transfer.config import ConfigError, LMCTransferConfig, default_mp_socket, load_config
-from lmc_transfer.tiers.disk import DiskTier, check_root
-from lmc_transfer.tiers.format import SlabFormat, geometry_digest
+from lmc_transfer.config import ConfigError, LMCTransferConfig, is_loopback, load_config, redact_url
+from lmc_transfer.daemon.auth import SessionKey
 from lmc_transfer.daemon.instance import AlreadyRunning, DaemonInstance, runtime_stem
-from lmc_transfer.kernels.geometry import KVGeometry
-from lmc_transfer.store.pool import SlabPool
-from lmc_transfer.daemon.promoter import Deferred, Promoter
-from lmc_transfer.daemon.protocol import (
-    MAX_HEADER_BYTES,
-    ErrorCode,
-    ProtocolError,
-    Reply,
-    Request,
-    body_dict,
-    body_int,
-    body_str,
-    check_body_fields,
-    check_token,
-    decode_request,
-    encode_reply,
-    is_int,
+from lmc_transfer.daemon.log_limit import RateLimitedLog
+from lmc_transfer.daemon.messages import (
+    AbortRequest,
+    AuthRequest,
+    Body,
+    ChallengeRequest,
+    ClearReply,
+    ClearRequest,
+    CommitReply,
+    CommitRequest,
+    DaemonCounters,
+    EmptyReply,
+    HelloReply,
+    HelloRequest,
+    LeaseReply,
+    LookupRequest,
+    PingReply,
+    PingRequest,
+    PoolCounters,
+    PoolRequest,
+    ReleaseRequest,
+    ReservationReply,
+    ReserveRequest,
+    StatsReply,
+    StatsRequest,
+    decode_request_body,
 )
-from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
+from lmc_transfer.daemon.promoter import Deferred, Promoter
+from lmc_transfer.daemon.protocol import ErrorCode, MsgType, ProtocolError, Reply, decode_request, encode_reply, request_id_of
+from lmc_transfer.daemon.sessions import RecentTable, Sessions
 from lmc_transfer.daemon.shm import SegmentSpaceError, SharedSegment, check_shm_space
+from lmc_transfer.kernels.geometry import KVGeometry
 from lmc_transfer.private_paths import ensure_private_dir
 from lmc_transfer.store.base import Lease
+from lmc_transfer.store.pool import SlabPool
+from lmc_transfer.tiers.disk import DiskTier, check_root
+from lmc_transfer.tiers.format import SlabFormat, geometry_digest
+from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
 
 log = logging.getLogger("lmc_transfer.daemon.server")
 
@@ -90,20 +109,6 @@ _PROMOTER_JOIN_S = 30.0
 
 
 @dataclass
-class DaemonCounters:
-    requests: int = 0
-    errors: int = 0
-    lookups: int = 0
-    hit_chunks: int = 0
-    miss_chunks: int = 0
-    reserved_chunks: int = 0
-    committed_chunks: int = 0
-    committed_bytes: int = 0
-    disk_promotions: int = 0
-    remote_promotions: int = 0
-
-
-@dataclass
 class _Pool:
     """Everything that exists once the first HELLO has fixed the geometry."""
 
@@ -115,22 +120,25 @@ class _Pool:
     remote: RemoteSync | None
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A request whose reply waits for the promotion thread."""
+
+    request_id: int
+    auth: SessionKey | None
+    deferred: Deferred
+
+
 def check_bind_address(config: LMCTransferConfig) -> str:
     """The endpoint to bind; refuses a non-loopback TCP host unless allowed."""
     url = config.mp_url
-    if url.startswith("tcp://") and not config.allow_remote_tcp:
-        host = config.tcp_host
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"mp_host must be a loopback address unless allow_remote_tcp is true, got {host!r}")
+    if config.uses_tcp and not config.allow_remote_tcp and not is_loopback(config.tcp_host):
+        raise ValueError(f"mp_host must be a loopback address unless allow_remote_tcp is true, got {config.tcp_host!r}")
     return url
 
 
 class CacheDaemon:
-    """Request handling plus the socket loop; ``handle`` is usable without a socket."""
+    """Request handling plus the socket loop."""
 
     def __init__(self, config: LMCTransferConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -138,7 +146,20 @@ class CacheDaemon:
         self.counters = DaemonCounters()
         self._clock = clock
         self._state: _Pool | None = None
-        self._clients: dict[str, float] = {}  # client_id -> last seen
+        self._clients: RecentTable[None] = RecentTable(_MAX_CLIENTS, _CLIENT_IDLE_S, clock)
+        self._sessions = Sessions(config.mp_auth_token, clock)  # bind() adds a TCP token
+        self._errors = RateLimitedLog(log)
+        self._handlers: dict[MsgType, Callable[[Any], Body | Deferred]] = {
+            MsgType.HELLO: self._hello,
+            MsgType.LOOKUP: self._lookup,
+            MsgType.RESERVE: self._reserve,
+            MsgType.COMMIT: self._commit,
+            MsgType.ABORT: self._abort,
+            MsgType.RELEASE: self._release,
+            MsgType.PING: self._ping,
+            MsgType.STATS: self._stats,
+            MsgType.CLEAR: self._clear,
+        }
         self._ctx: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._ipc_path: Path | None = None
@@ -157,14 +178,16 @@ class CacheDaemon:
         if self._disk_enabled:
             check_root(self.config.local_disk)
         stem = runtime_stem(self.config)
-        if stem.parent == Path(default_mp_socket()).parent:
-            ensure_private_dir(stem.parent)
-        else:
-            stem.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(stem.parent)
         instance = DaemonInstance(stem)
         instance.acquire()
         try:
             instance.record_segment(None)
+            if self.config.uses_tcp and self.config.mp_auth_token is None:
+                # TCP is open to every local user: never without a token.
+                self._sessions = Sessions(instance.new_token(), self._clock)
+                log.info("tcp without mp_auth_token: clients of uid %d read this start's token from %s",
+                         os.getuid(), instance.token_path)
             self._bind_socket(url)
         except BaseException:
             instance.release()
@@ -217,11 +240,10 @@ class CacheDaemon:
                     if isinstance(outcome, list):
                         _send(sock, frames[0], outcome)
                     else:
-                        request_id, deferred = outcome
-                        promoter.submit((frames[0], frames[1:], request_id), deferred)
+                        promoter.submit((frames[0], frames[1:], outcome), outcome.deferred)
                 for job in promoter.drain():
-                    identity, request_frames, request_id = job.ticket
-                    _send(sock, identity, self._end(request_frames, request_id, job.deferred, job.result, job.error))
+                    identity, request_frames, pending = job.ticket
+                    _send(sock, identity, self._end(request_frames, pending, job.result, job.error))
                 now = self._clock()
                 if now >= next_expire:
                     next_expire = now + _POLL_MS / 1000
@@ -262,72 +284,65 @@ class CacheDaemon:
 
     # -- requests ------------------------------------------------------------
 
-    def handle(self, frames: list[bytes]) -> list[bytes]:
-        """One request's frames (without the routing identity) -> reply frames; a lookup's
-        tier promotion runs inline here (the socket loop hands it to its promotion thread)."""
-        outcome = self._begin(frames)
-        if isinstance(outcome, list):
-            return outcome
-        request_id, deferred = outcome
-        try:
-            result, error = deferred.work(), None
-        except Exception as exc:
-            result, error = None, exc
-        return self._end(frames, request_id, deferred, result, error)
-
-    def _begin(self, frames: list[bytes]) -> list[bytes] | tuple[int, Deferred]:
-        """Reply frames, or (request id, the slow part of the reply) for the promotion thread."""
+    def _begin(self, frames: list[bytes]) -> list[bytes] | _Pending:
+        """Reply frames, or the slow part of the reply for the promotion thread."""
         self.counters.requests += 1
-        try:
-            request = decode_request(frames)
-            check_token(self.config.mp_auth_token, request.token)
-            body = self._dispatch(request)
-            if isinstance(body, Deferred):
-                return request.request_id, body
-            return encode_reply(Reply(request_id=request.request_id, ok=True, body=body))
-        except Exception as exc:  # never die on a request
-            return self._error_reply(frames, exc)
+        sealed_by: list[SessionKey] = []  # the request's session, once authorize() found it
 
-    def _end(self, frames: list[bytes], request_id: int, deferred: Deferred, result: Any,
-             error: BaseException | None) -> list[bytes]:
+        def authorize(msg_type: MsgType, session: str | None) -> SessionKey | None:
+            key = self._sessions.authorize(msg_type, session)
+            if key is not None:
+                sealed_by.append(key)
+            return key
+
+        try:
+            request = decode_request(frames, authorize)
+            message = decode_request_body(request.type, request.body, request.keys)
+            if isinstance(message, ChallengeRequest):
+                return self._reply(request.request_id, None, self._sessions.challenge(message))
+            if isinstance(message, AuthRequest):
+                return self._reply(request.request_id, self._sessions.open(message), EmptyReply())
+            body = self._handlers[request.type](message)
+            if isinstance(body, Deferred):
+                return _Pending(request.request_id, request.auth, body)
+            return self._reply(request.request_id, request.auth, body)
+        except Exception as exc:  # never die on a request
+            return self._error_reply(frames, sealed_by[0] if sealed_by else None, exc)
+
+    def _end(self, frames: list[bytes], pending: _Pending, result: Any, error: BaseException | None) -> list[bytes]:
         """The reply to a deferred request once its slow part returned ``result`` or raised ``error``."""
         if error is not None:
-            return self._error_reply(frames, error)
+            return self._error_reply(frames, pending.auth, error)
         try:
-            return encode_reply(Reply(request_id=request_id, ok=True, body=deferred.finish(result)))
+            return self._reply(pending.request_id, pending.auth, pending.deferred.finish(result))
         except Exception as exc:
-            return self._error_reply(frames, exc)
+            return self._error_reply(frames, pending.auth, exc)
 
-    def _error_reply(self, frames: list[bytes], exc: BaseException) -> list[bytes]:
+    @staticmethod
+    def _reply(request_id: int, auth: SessionKey | None, body: Body) -> list[bytes]:
+        return encode_reply(Reply(request_id=request_id, ok=True, body=body.encode(), auth=auth))
+
+    def _error_reply(self, frames: list[bytes], auth: SessionKey | None, exc: BaseException) -> list[bytes]:
         self.counters.errors += 1
         if isinstance(exc, ProtocolError):
-            return encode_reply(Reply(request_id=_best_effort_id(frames), ok=False, code=exc.code, error=str(exc)))
-        log.error("internal error while handling a request", exc_info=exc)
-        return encode_reply(
-            Reply(request_id=_best_effort_id(frames), ok=False, code=ErrorCode.INTERNAL, error=f"{type(exc).__name__}: {exc}")
-        )
+            code, error = exc.code, str(exc)
+        else:
+            self._errors.error("internal error while handling a request", exc_info=exc)
+            code, error = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        return encode_reply(Reply(request_id=request_id_of(frames), ok=False, code=code, error=error, auth=auth))
 
-    def _dispatch(self, request: Request) -> dict[str, Any] | Deferred:
-        # Every MsgType has a handler named after it (_hello, _lookup, ...).
-        handler: Callable[[Request], dict[str, Any] | Deferred] = getattr(self, f"_{request.type.value.lower()}")
-        return handler(request)
-
-    def _require_pool(self, request: Request, fields: tuple[str, ...]) -> _Pool:
-        check_body_fields(request.body, ("epoch", *fields), request.type)
-        epoch = body_str(request.body, "epoch", max_len=64)
+    def _require_pool(self, message: PoolRequest) -> _Pool:
+        epoch = message.epoch
         if self._state is None or epoch != self.epoch:
             raise ProtocolError(
-                f"{request.type.value} needs a HELLO to this daemon first (epoch {epoch!r:.64} is not the current one)",
+                f"{message.TYPE.value} needs a HELLO to this daemon first (epoch {epoch!r:.64} is not the current one)",
                 code=ErrorCode.HELLO_REQUIRED,
             )
         return self._state
 
-    def _hello(self, request: Request) -> dict[str, Any]:
-        check_body_fields(request.body, ("geometry", "chunk_size", "client_id"), request.type)
-        chunk_size = body_int(request.body, "chunk_size", minimum=1)
-        client_id = body_str(request.body, "client_id", max_len=128)
+    def _hello(self, message: HelloRequest) -> HelloReply:
+        geometry, chunk_size = message.geometry, message.chunk_size
         try:
-            geometry = KVGeometry.from_dict(body_dict(request.body, "geometry"))
             slab_bytes = geometry.slab_bytes(chunk_size)
         except (ValueError, TypeError, AttributeError) as exc:
             raise ProtocolError(f"HELLO geometry is invalid: {exc}", code=ErrorCode.GEOMETRY) from None
@@ -343,16 +358,10 @@ class CacheDaemon:
                 f"geometry {geometry.to_dict()} differs from the pool's {self._state.geometry.to_dict()}",
                 code=ErrorCode.GEOMETRY,
             )
-        self._touch_client(client_id)
-        state = self._state
-        return {
-            "epoch": self.epoch,
-            "segment": state.segment.name,
-            "num_slabs": state.segment.num_slabs,
-            "slab_bytes": state.segment.slab_bytes,
-            "chunk_size": chunk_size,
-            "lease_ttl_s": self.config.lease_ttl_s,
-        }
+        self._clients.put(message.client_id, None)
+        segment = self._state.segment
+        return HelloReply(self.epoch, segment.name, segment.num_slabs, segment.slab_bytes, chunk_size,
+                          self.config.lease_ttl_s)
 
     def _create_pool(self, geometry: KVGeometry, digest: bytes, slab_bytes: int) -> _Pool:
         num_slabs = self.config.max_local_cpu_bytes // slab_bytes
@@ -413,34 +422,22 @@ class CacheDaemon:
             disk.directory if disk is not None else "off",
         )
         if remote is not None:
-            log.info("remote tier: %s (namespace %s)", _redact(self.config.remote_url), digest.hex()[:16])
+            log.info("remote tier: %s (namespace %s)", redact_url(self.config.remote_url), digest.hex()[:16])
         return _Pool(geometry, digest, segment, pool, disk, remote)
 
     @property
     def _disk_enabled(self) -> bool:
         return self.config.local_disk is not None and self.config.max_local_disk_bytes > 0
 
-    def _touch_client(self, client_id: str) -> None:
-        now = self._clock()
-        self._clients[client_id] = now
-        if len(self._clients) > _MAX_CLIENTS or len(self._clients) % 64 == 0:
-            idle = [c for c, seen in self._clients.items() if now - seen > _CLIENT_IDLE_S]
-            for c in idle:
-                del self._clients[c]
-            while len(self._clients) > _MAX_CLIENTS:
-                del self._clients[next(iter(self._clients))]
+    def _ping(self, message: PingRequest) -> PingReply:
+        return PingReply(os.getpid(), self.epoch, self._state is not None)
 
-    def _ping(self, request: Request) -> dict[str, Any]:
-        check_body_fields(request.body, (), request.type)
-        return {"pid": os.getpid(), "epoch": self.epoch, "ready": self._state is not None}
+    def _clear(self, message: ClearRequest) -> ClearReply:
+        return ClearReply(self._state.pool.clear() if self._state is not None else 0)
 
-    def _clear(self, request: Request) -> dict[str, Any]:
-        check_body_fields(request.body, (), request.type)
-        return {"cleared": self._state.pool.clear() if self._state is not None else 0}
-
-    def _lookup(self, request: Request) -> dict[str, Any] | Deferred:
-        state = self._require_pool(request, ())
-        keys = list(request.keys)
+    def _lookup(self, message: LookupRequest) -> LeaseReply | Deferred:
+        state = self._require_pool(message)
+        keys = list(message.keys)
         lease = state.pool.lookup(keys, self.config.lease_ttl_s)
         if lease.num_chunks < len(keys) and (state.disk is not None or state.remote is not None):
             now = time.monotonic()
@@ -458,29 +455,24 @@ class CacheDaemon:
         promoted, by this job or by one queued before it; a failed promotion answers with what L1 has."""
         try:
             self._promote(state, keys, lease.num_chunks, deadline)
-        except Exception:
-            log.exception("promotion failed; answering with the L1 prefix")
+        except Exception as exc:
+            self._errors.error("promotion failed; answering with the L1 prefix", exc_info=exc)
         longer = state.pool.lookup(keys, self.config.lease_ttl_s)
         state.pool.release(lease.lease_id)
         return longer
 
-    def _late_lookup_reply(self, state: _Pool, keys: list[bytes], lease: Lease, client_gone_at: float) -> dict[str, Any]:
+    def _late_lookup_reply(self, state: _Pool, keys: list[bytes], lease: Lease, client_gone_at: float) -> LeaseReply:
         """A promoted lookup's reply; past the client's deadline nobody reads it, so its lease goes now."""
         if time.monotonic() > client_gone_at and lease.num_chunks:
             state.pool.release(lease.lease_id)
             lease = Lease(lease_id=0, keys=lease.keys, slab_ids=(), generations=(), deadline=lease.deadline)
         return self._lookup_reply(keys, lease)
 
-    def _lookup_reply(self, keys: list[bytes], lease: Lease) -> dict[str, Any]:
+    def _lookup_reply(self, keys: list[bytes], lease: Lease) -> LeaseReply:
         self.counters.lookups += 1
         self.counters.hit_chunks += lease.num_chunks
         self.counters.miss_chunks += len(keys) - lease.num_chunks
-        return {
-            "lease_id": lease.lease_id,
-            "slab_ids": lease.slab_ids,
-            "generations": lease.generations,
-            "ttl_s": self.config.lease_ttl_s,
-        }
+        return LeaseReply(lease.lease_id, lease.slab_ids, lease.generations, self.config.lease_ttl_s)
 
     def _promote(self, state: _Pool, keys: list[bytes], start: int, deadline: float) -> bool:
         """Bring the run of keys after the L1 prefix into L1: from disk while it has
@@ -527,63 +519,52 @@ class CacheDaemon:
             promoted += 1
         return len(keys), promoted
 
-    def _reserve(self, request: Request) -> dict[str, Any]:
-        state = self._require_pool(request, ())
-        res = state.pool.reserve(list(request.keys), self.config.lease_ttl_s)
+    def _reserve(self, message: ReserveRequest) -> ReservationReply:
+        state = self._require_pool(message)
+        res = state.pool.reserve(list(message.keys), self.config.lease_ttl_s)
         self.counters.reserved_chunks += res.num_chunks
-        return {
-            "reservation_id": res.reservation_id,
-            "chunk_indices": list(res.chunk_indices),
-            "slab_ids": list(res.slab_ids),
-            "generations": list(res.generations),
-            "ttl_s": self.config.lease_ttl_s,
-        }
+        return ReservationReply(res.reservation_id, res.chunk_indices, res.slab_ids, res.generations,
+                                self.config.lease_ttl_s)
 
-    def _commit(self, request: Request) -> dict[str, Any]:
-        state = self._require_pool(request, ("reservation_id",))
-        committed = state.pool.commit(body_int(request.body, "reservation_id"))
+    def _commit(self, message: CommitRequest) -> CommitReply:
+        state = self._require_pool(message)
+        committed = state.pool.commit(message.reservation_id)
         self.counters.committed_chunks += committed
         self.counters.committed_bytes += committed * state.segment.slab_bytes
-        return {"committed": committed}
+        return CommitReply(committed)
 
-    def _abort(self, request: Request) -> dict[str, Any]:
-        state = self._require_pool(request, ("reservation_id",))
-        state.pool.abort(body_int(request.body, "reservation_id"))
-        return {}
+    def _abort(self, message: AbortRequest) -> EmptyReply:
+        self._require_pool(message).pool.abort(message.reservation_id)
+        return EmptyReply()
 
-    def _release(self, request: Request) -> dict[str, Any]:
-        state = self._require_pool(request, ("lease_id",))
-        state.pool.release(body_int(request.body, "lease_id"))
-        return {}
+    def _release(self, message: ReleaseRequest) -> EmptyReply:
+        self._require_pool(message).pool.release(message.lease_id)
+        return EmptyReply()
 
-    def _stats(self, request: Request) -> dict[str, Any]:
-        check_body_fields(request.body, (), request.type)
-        now = self._clock()
-        counters = asdict(self.counters)
+    def _stats(self, message: StatsRequest) -> StatsReply:
         looked_up = self.counters.hit_chunks + self.counters.miss_chunks
-        out: dict[str, Any] = {
-            "pid": os.getpid(),
-            "epoch": self.epoch,
-            "endpoint": self.endpoint,
-            "counters": counters,
-            "hit_rate": self.counters.hit_chunks / looked_up if looked_up else 0.0,
-            "clients": sum(1 for seen in self._clients.values() if now - seen <= _CLIENT_IDLE_S),
-            "pool": None,
-            "segment": None,
-            "disk": None,
-            "remote": None,
-        }
-        if self._state is not None:
-            pool_stats = asdict(self._state.pool.stats())
-            pool_stats["slab_bytes"] = self._state.segment.slab_bytes
-            pool_stats["committed_bytes"] = pool_stats["committed_chunks"] * self._state.segment.slab_bytes
-            out["pool"] = pool_stats
-            out["segment"] = self._state.segment.name
-            if self._state.disk is not None:
-                out["disk"] = asdict(self._state.disk.stats())
-            if self._state.remote is not None:
-                out["remote"] = {**asdict(self._state.remote.tier.stats()), **asdict(self._state.remote.stats())}
-        return out
+        state = self._state
+        pool = disk = remote = None
+        if state is not None:
+            p, slab_bytes = state.pool.stats(), state.segment.slab_bytes
+            pool = PoolCounters(p.num_slabs, p.used_slabs, p.pinned_slabs, p.committed_chunks, p.evictions, p.leases,
+                                p.reservations, p.quarantined_slabs, slab_bytes, p.committed_chunks * slab_bytes)
+            if state.disk is not None:
+                disk = asdict(state.disk.stats())
+            if state.remote is not None:
+                remote = {**asdict(state.remote.tier.stats()), **asdict(state.remote.stats())}
+        return StatsReply(
+            pid=os.getpid(),
+            epoch=self.epoch,
+            endpoint=self.endpoint,
+            counters=replace(self.counters),
+            hit_rate=self.counters.hit_chunks / looked_up if looked_up else 0.0,
+            clients=self._clients.live(),
+            pool=pool,
+            segment=state.segment.name if state is not None else None,
+            disk=disk,
+            remote=remote,
+        )
 
 
 def _fan_out(hooks: list[Callable[[bytes, int], None]]) -> Callable[[bytes, int], None] | None:
@@ -600,32 +581,11 @@ def _fan_out(hooks: list[Callable[[bytes, int], None]]) -> Callable[[bytes, int]
     return call_all
 
 
-def _redact(url: str) -> str:
-    """``url`` without the password of its user info, for logs."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
-
-
 def _send(sock: zmq.Socket, identity: bytes, reply: list[bytes]) -> None:
     try:
         sock.send_multipart([identity, *reply], zmq.NOBLOCK)
     except zmq.ZMQError:
         pass  # the peer is gone or not reading; it will time out
-
-
-def _best_effort_id(frames: list[bytes]) -> int:
-    """The request id of a rejected message when its header says one, else 0."""
-    try:
-        if frames and len(frames[0]) <= MAX_HEADER_BYTES:
-            request_id = json.loads(bytes(frames[0]).decode("utf-8")).get("id")
-            if is_int(request_id) and 0 <= request_id < 2**53:
-                return request_id
-    except Exception:
-        pass
-    return 0
 
 
 def serve(config: LMCTransferConfig, *, stop: threading.Event | None = None) -> None:

@@ -36,6 +36,8 @@ import struct
 import _posixshmem
 import numpy as np
 
+from lmc_transfer.private_paths import check_private_file
+
 _MAGIC = b"LMCTSHM1"
 _LAYOUT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, num_slabs, slab_bytes, slab_offset
@@ -135,10 +137,15 @@ class SharedSegment:
 
     @classmethod
     def open(cls, name: str, num_slabs: int, slab_bytes: int) -> "SharedSegment":
-        """Map an existing segment; the expected sizes come from the daemon's HELLO reply."""
+        """Map an existing segment; the expected sizes come from the daemon's HELLO reply.
+
+        PermissionError unless the segment is this uid's with mode 0600: KV goes only into
+        memory nobody else can read or write."""
         fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            check_private_file(st, f"segment {name}")
+            size = st.st_size
             if size < _HEADER.size:
                 raise ValueError(f"segment {name} is {size} bytes, too small for its header")
             mm = mmap.mmap(fd, size)

@@ -88,7 +88,7 @@ class DaemonProcess:
         from lmc_transfer.daemon.protocol import MsgType
 
         start = time.monotonic()
-        conn = DaemonConnection(self.config.mp_url, self.config.mp_auth_token)
+        conn = DaemonConnection.for_config(self.config)
         try:
             while time.monotonic() - start < timeout_s:
                 if self.proc.poll() is not None:

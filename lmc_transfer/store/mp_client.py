@@ -20,25 +20,56 @@ reservations from the old daemon load nothing and commit nothing.
 Lease and reservation ids handed to callers are local to this client and map to
 (epoch, daemon id), so an id from a previous daemon can never be confused with
 an id the new daemon reuses. One lock makes the store safe to share between threads.
+
+Trust: over ipc the client connects only through a private socket directory (this uid's, not
+writable by others); with a token (``mp_auth_token``, or over TCP the token file the daemon
+writes) it sends nothing but a nonce until the peer has proved it knows the token, and it
+accepts only replies sealed with the session key (lmc_transfer.daemon.auth). The segment a
+HELLO names is mapped only if it is this uid's, mode 0600. A peer that fails any check is an
+``UntrustedDaemon``: treated like a daemon that is down, and logged.
+
+Logging: the link to the daemon is logged at WARNING when it changes (unreachable, untrusted,
+reachable again), never once per request.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import zmq
 
 from lmc_transfer.config import LMCTransferConfig
-from lmc_transfer.kernels import KVBuffers
+from lmc_transfer.daemon import auth
+from lmc_transfer.daemon.auth import SessionKey
+from lmc_transfer.daemon.instance import read_token, token_path
+from lmc_transfer.private_paths import check_private_dir
+from lmc_transfer.daemon.messages import (
+    AbortRequest,
+    AuthRequest,
+    Body,
+    ChallengeReply,
+    ChallengeRequest,
+    ClearRequest,
+    CommitRequest,
+    HelloRequest,
+    LookupRequest,
+    ReleaseRequest,
+    RequestBody,
+    ReserveRequest,
+    StatsReply,
+    StatsRequest,
+)
 from lmc_transfer.daemon.protocol import (
     MAX_KEYS,
     ErrorCode,
@@ -48,6 +79,7 @@ from lmc_transfer.daemon.protocol import (
     decode_reply,
     encode_request,
 )
+from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.keys import check_keys
 from lmc_transfer.store.mapped_segment import MappedSegment
 from lmc_transfer.store.base import (
@@ -72,6 +104,11 @@ class DaemonUnavailable(ConnectionError):
     """No reply before the deadline (daemon down, slow, or not reachable)."""
 
 
+class UntrustedDaemon(DaemonUnavailable):
+    """The peer at the endpoint failed a check (private socket directory, token proof, segment
+    owner and mode): nothing more is sent to it and its segment is not used."""
+
+
 class DaemonError(RuntimeError):
     """The daemon answered with an error reply."""
 
@@ -80,37 +117,84 @@ class DaemonError(RuntimeError):
         self.code = code
 
 
+class StoreClosed(RuntimeError):
+    """A call on an MPStore after its ``close()``."""
+
+
+class _SessionLost(Exception):
+    """The daemon does not know our session (it restarted, or forgot an idle session)."""
+
+
 class DaemonConnection:
     """One DEALER socket to the daemon: request/reply with a deadline per call.
 
     Replies are matched by request id; a late reply to an earlier, timed-out
     request is discarded. After a timeout the socket is recreated, so nothing
-    queued for a dead daemon is delivered to its successor.
+    queued for a dead daemon is delivered to its successor. With a token (``token``,
+    or read from ``token_file`` at each handshake) the first request authenticates
+    (lmc_transfer.daemon.auth) and every later one is sealed with the session.
     """
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, *, token_file: Path | None = None) -> None:
         self.url = url
         self._token = token
+        self._token_file = token_file
+        self._auth: SessionKey | None = None
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)  # 0 is the id of replies to unparseable requests
 
+    @classmethod
+    def for_config(cls, config: LMCTransferConfig) -> "DaemonConnection":
+        """The connection ``config`` describes: its token, or over TCP without one the daemon's token file."""
+        auto = config.uses_tcp and config.mp_auth_token is None
+        return cls(config.mp_url, config.mp_auth_token, token_file=token_path(config) if auto else None)
+
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
+            if self.url.startswith("ipc://"):
+                self._check_ipc_directory()
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             # Queue only on a live connection: a send to a dead daemon fails fast.
             sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, 20)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self._needs_auth:
+                # A session belongs to one connection: ZMQ must not reconnect this socket on its
+                # own (to whoever holds the port by then); reset() opens a new one, which
+                # authenticates before it sends anything else.
+                sock.setsockopt(zmq.RECONNECT_IVL, -1)
+            else:
+                sock.setsockopt(zmq.RECONNECT_IVL, 20)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             sock.connect(self.url)
             self._sock = sock
         return self._sock
 
+    def _check_ipc_directory(self) -> None:
+        # ZMQ reconnects to the path by itself: only a directory nobody else can write keeps
+        # another user's socket from taking the place of the daemon's.
+        directory = Path(self.url.removeprefix("ipc://")).parent
+        try:
+            check_private_dir(directory)
+        except FileNotFoundError:
+            raise DaemonUnavailable(f"no connection to {self.url}: {directory} does not exist") from None
+        except PermissionError as exc:
+            raise UntrustedDaemon(f"not connecting to {self.url}: {exc}") from None
+
     def reset(self) -> None:
+        """Drop the socket (and with it the session): the next request starts afresh."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        self._auth = None
+
+    def call(self, message: RequestBody, *, deadline: float) -> Body:
+        """Send one typed request; its typed reply (``message.REPLY``)."""
+        body = self.request(message.TYPE, message.encode(), message.frame_keys, deadline=deadline)
+        try:
+            return message.REPLY.decode(body)
+        except ProtocolError as exc:
+            raise DaemonError(ErrorCode.BAD_REQUEST, f"malformed {message.TYPE.value} reply: {exc}") from None
 
     def request(
         self,
@@ -120,10 +204,63 @@ class DaemonConnection:
         *,
         deadline: float,
     ) -> dict[str, Any]:
-        """Send one request and wait for its reply until ``deadline`` (time.monotonic)."""
+        """Send one request and wait for its reply until ``deadline`` (time.monotonic); the
+        wire-level form of ``call`` (any body), authenticating first when there is a token."""
+        body = body or {}
+        if self._needs_auth and self._auth is None:
+            self._handshake(deadline)
+        try:
+            return self._exchange(msg_type, body, keys, deadline, self._auth, self._auth)
+        except _SessionLost:
+            self._auth = None
+        self._handshake(deadline)
+        try:
+            return self._exchange(msg_type, body, keys, deadline, self._auth, self._auth)
+        except _SessionLost:
+            self._auth = None
+            raise DaemonError(ErrorCode.UNAUTHORIZED, "the daemon refused a session it had just opened") from None
+
+    @property
+    def _needs_auth(self) -> bool:
+        return self._token is not None or self._token_file is not None
+
+    def _handshake(self, deadline: float) -> None:
+        token = self._read_token()
+        client_nonce = auth.new_nonce()
+        reply = self._exchange(MsgType.CHALLENGE, ChallengeRequest(client_nonce).encode(), (), deadline, None, None)
+        try:
+            challenge = ChallengeReply.decode(reply)
+        except ProtocolError as exc:
+            raise DaemonError(ErrorCode.BAD_REQUEST, f"malformed CHALLENGE reply: {exc}") from None
+        if not auth.same(auth.daemon_proof(token, client_nonce, challenge.daemon_nonce), challenge.proof):
+            self.reset()
+            raise UntrustedDaemon(f"the peer at {self.url} did not prove it knows the token; nothing else was sent to it")
+        session = auth.derive_session(token, client_nonce, challenge.daemon_nonce)
+        proof = auth.client_proof(token, client_nonce, challenge.daemon_nonce)
+        self._exchange(MsgType.AUTH, AuthRequest(challenge.daemon_nonce, proof).encode(), (), deadline, None, session)
+        self._auth = session
+
+    def _read_token(self) -> str:
+        if self._token is not None:
+            return self._token
+        assert self._token_file is not None
+        try:
+            return read_token(self._token_file)
+        except FileNotFoundError:
+            raise DaemonUnavailable(
+                f"no connection to {self.url}: no token file {self._token_file} (is the daemon running, "
+                "with the same XDG_RUNTIME_DIR/TMPDIR?)"
+            ) from None
+        except PermissionError as exc:
+            raise UntrustedDaemon(f"not connecting to {self.url}: {exc}") from None
+
+    def _exchange(self, msg_type: MsgType, body: dict[str, Any], keys: Sequence[bytes], deadline: float,
+                  send_auth: SessionKey | None, reply_auth: SessionKey | None) -> dict[str, Any]:
+        """One round trip: the request sealed with ``send_auth``, the reply required sealed with
+        ``reply_auth`` (other replies are not the daemon's and are ignored)."""
         sock = self._socket()
         request_id = next(self._ids)
-        frames = encode_request(Request(msg_type, request_id, body or {}, tuple(keys), self._token))
+        frames = encode_request(Request(msg_type, request_id, body, tuple(keys), send_auth))
         # Blocking calls bounded by SNDTIMEO/RCVTIMEO rather than poll() + NOBLOCK:
         # one wake-up less per direction, a third of a small LOOKUP's round trip.
         # With IMMEDIATE set, a send to a daemon that is not connected times out.
@@ -143,7 +280,7 @@ class DaemonConnection:
                 raise DaemonUnavailable(f"{msg_type.value} to {self.url} timed out")
             sock.setsockopt(zmq.RCVTIMEO, remaining)
             try:
-                reply = decode_reply(sock.recv_multipart())
+                reply = decode_reply(sock.recv_multipart(), reply_auth)
             except zmq.Again:
                 self.reset()
                 raise DaemonUnavailable(f"{msg_type.value} to {self.url} timed out") from None
@@ -151,6 +288,12 @@ class DaemonConnection:
                 continue
             if reply.request_id != request_id:
                 continue  # late reply to a request we gave up on
+            if reply_auth is not None and reply.auth is None:
+                # Unsealed where a sealed reply is due: only "unauthorized" means anything.
+                if reply.ok or reply.code is not ErrorCode.UNAUTHORIZED:
+                    continue
+                if send_auth is not None:
+                    raise _SessionLost()
             if not reply.ok:
                 raise DaemonError(reply.code or ErrorCode.INTERNAL, reply.error or "")
             return reply.body
@@ -179,16 +322,19 @@ class _Handle:
     remote_id: int
 
 
-def _int_list(body: dict[str, Any], name: str, limit: int, upper: int) -> list[int]:
-    value = body.get(name)
-    # Whole-list checks in C: this runs on every LOOKUP of up to MAX_KEYS ids.
-    if (
-        not isinstance(value, list)
-        or len(value) > limit
-        or (value and (set(map(type, value)) != {int} or min(value) < 0 or max(value) >= upper))
-    ):
+def _check_ids(values: tuple[int, ...], name: str, limit: int, upper: int) -> tuple[int, ...]:
+    """``values`` after checking a reply holds at most ``limit`` of them, each below ``upper``."""
+    if len(values) > limit or (values and max(values) >= upper):
         raise DaemonError(ErrorCode.BAD_REQUEST, f"reply field {name} is not a list of at most {limit} ints in [0, {upper})")
-    return value
+    return values
+
+
+class _Link(enum.Enum):
+    """What the store last knew about the daemon (logged when it changes)."""
+
+    UP = "reachable"
+    DOWN = "unreachable"
+    UNTRUSTED = "untrusted"
 
 
 class MPStore(CacheStore):
@@ -207,7 +353,7 @@ class MPStore(CacheStore):
         self.chunk_size = config.chunk_size
         self.slab_bytes = buffers.geometry.slab_bytes(config.chunk_size)
         self.client_id = client_id or uuid.uuid4().hex
-        self._conn = DaemonConnection(config.mp_url, config.mp_auth_token)
+        self._conn = DaemonConnection.for_config(config)
         self._transfer = Transfer(
             buffers,
             config.chunk_size,
@@ -225,10 +371,13 @@ class MPStore(CacheStore):
         self._reservations: dict[int, _Handle] = {}
         self._stats = StoreStats()
         self._reconnects = 0
+        self._link: _Link | None = None
+        self._error_codes_seen: set[ErrorCode] = set()
+        self._closed = False
         try:
             self._hello(time.monotonic() + config.request_timeout_ms / 1000)
-        except DaemonUnavailable:
-            self._fail()
+        except DaemonUnavailable as exc:
+            self._fail(exc)
         except DaemonError as exc:
             self.close()
             raise ValueError(f"cache daemon at {config.mp_url} refused this engine: {exc}") from None
@@ -236,19 +385,10 @@ class MPStore(CacheStore):
     # -- session -------------------------------------------------------------
 
     def _hello(self, deadline: float) -> _Session:
-        body = self._conn.request(
-            MsgType.HELLO,
-            {"geometry": self.buffers.geometry.to_dict(), "chunk_size": self.chunk_size, "client_id": self.client_id},
-            deadline=deadline,
-        )
-        try:
-            epoch, name = str(body["epoch"]), str(body["segment"])
-            num_slabs, slab_bytes, ttl = int(body["num_slabs"]), int(body["slab_bytes"]), float(body["lease_ttl_s"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DaemonError(ErrorCode.BAD_REQUEST, f"malformed HELLO reply: {exc}") from None
-        if slab_bytes != self.slab_bytes:
-            raise DaemonError(ErrorCode.GEOMETRY, f"daemon slabs are {slab_bytes} bytes, this engine needs {self.slab_bytes}")
-        if self._segment is None or self._segment.name != name:
+        reply = self._conn.call(HelloRequest(self.buffers.geometry, self.chunk_size, self.client_id), deadline=deadline)
+        if reply.slab_bytes != self.slab_bytes:
+            raise DaemonError(ErrorCode.GEOMETRY, f"daemon slabs are {reply.slab_bytes} bytes, this engine needs {self.slab_bytes}")
+        if self._segment is None or self._segment.name != reply.segment:
             if self._segment is not None:
                 # Copies queued by callers that drive the kernels themselves (LayerwiseStore)
                 # may still target the old mapping: let them land before it is unregistered.
@@ -256,22 +396,61 @@ class MPStore(CacheStore):
                     torch.cuda.synchronize(self.buffers.device)
                 self._segment.close()
                 self._segment = None
-            self._segment = MappedSegment.open(name, num_slabs, slab_bytes)
-        self._session = _Session(epoch, self._segment, ttl)
+            self._segment = self._open_segment(reply.segment, reply.num_slabs, reply.slab_bytes)
+        self._session = _Session(reply.epoch, self._segment, reply.lease_ttl_s)
         self._backoff_s = 0.0
         self._reconnects += 1
+        self._set_link(_Link.UP, f"epoch {reply.epoch}, segment {reply.segment}")
         return self._session
 
-    def _fail(self) -> None:
+    def _open_segment(self, name: str, num_slabs: int, slab_bytes: int) -> MappedSegment:
+        if not name.startswith("/lmct-"):
+            raise UntrustedDaemon(f"HELLO from {self.config.mp_url} names segment {name!r:.80}, not one of lmc-transfer's")
+        try:
+            return MappedSegment.open(name, num_slabs, slab_bytes)
+        except PermissionError as exc:
+            raise UntrustedDaemon(f"not mapping the segment the daemon at {self.config.mp_url} named: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise DaemonUnavailable(f"segment {name} of the daemon at {self.config.mp_url}: {exc}") from None
+
+    def _fail(self, exc: DaemonUnavailable) -> None:
         self._session = None
         self._backoff_s = min(max(2 * self._backoff_s, _BACKOFF_MIN_S), _BACKOFF_MAX_S)
         self._next_attempt = time.monotonic() + self._backoff_s
+        self._set_link(_Link.UNTRUSTED if isinstance(exc, UntrustedDaemon) else _Link.DOWN, str(exc))
 
-    def _call(self, msg_type: MsgType, body: dict[str, Any], keys: Sequence[bytes], deadline: float) -> tuple[_Session, dict[str, Any]]:
-        """A pool request under the current session, (re)establishing it first if needed.
+    def _set_link(self, link: _Link, detail: str) -> None:
+        """Log a change of what the store knows about the daemon, once per change."""
+        previous, self._link = self._link, link
+        if link is previous:
+            return
+        if link is _Link.UP:
+            if previous is None:
+                log.info("cache daemon at %s: connected (%s)", self.config.mp_url, detail)
+            else:
+                log.warning("cache daemon at %s: reachable again (%s)", self.config.mp_url, detail)
+            return
+        log.warning("cache daemon at %s %s: %s; lookups miss and stores are dropped until it answers",
+                    self.config.mp_url, link.value, detail)
+
+    def _note_error(self, exc: DaemonError) -> None:
+        """An error reply: the daemon is up but refused a request; logged once per error code."""
+        if exc.code not in self._error_codes_seen:
+            self._error_codes_seen.add(exc.code)
+            log.warning("cache daemon at %s refused a request: %s (further %s errors are counted, not logged)",
+                        self.config.mp_url, exc, exc.code.value)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"this MPStore (cache daemon at {self.config.mp_url}) is closed")
+
+    def _call(self, message: Callable[[str], RequestBody], deadline: float) -> tuple[_Session, Any]:
+        """A pool request under the current session (``message(epoch)``), (re)establishing it
+        first if needed; its typed reply.
 
         Raises DaemonUnavailable (also while backing off) or DaemonError.
         """
+        self._check_open()
         for attempt in range(2):
             session = self._session
             if session is None:
@@ -279,16 +458,20 @@ class MPStore(CacheStore):
                     raise DaemonUnavailable("daemon unavailable; backing off")
                 try:
                     session = self._hello(deadline)
-                except (DaemonUnavailable, DaemonError, OSError, ValueError):
-                    self._fail()
+                except DaemonUnavailable as exc:
+                    self._fail(exc)
+                    raise
+                except DaemonError as exc:
+                    self._fail(DaemonUnavailable(f"HELLO to {self.config.mp_url} refused: {exc}"))
                     raise DaemonUnavailable(f"HELLO to {self.config.mp_url} failed") from None
             try:
-                return session, self._conn.request(msg_type, {**body, "epoch": session.epoch}, keys, deadline=deadline)
-            except DaemonUnavailable:
-                self._fail()
+                return session, self._conn.call(message(session.epoch), deadline=deadline)
+            except DaemonUnavailable as exc:
+                self._fail(exc)
                 raise
             except DaemonError as exc:
                 if exc.code is not ErrorCode.HELLO_REQUIRED or attempt:
+                    self._note_error(exc)
                     raise
                 self._session = None  # the daemon restarted: HELLO again now, once
         raise AssertionError("unreachable")
@@ -305,20 +488,19 @@ class MPStore(CacheStore):
     def lookup(self, keys: Sequence[bytes]) -> Lease:
         keys = check_keys(keys, limit=MAX_KEYS)
         with self._lock:
+            self._check_open()
             start = time.monotonic()
             self._stats.lookups += 1
             empty = Lease(lease_id=0, keys=keys, slab_ids=(), generations=(), deadline=start)
             if not keys:
                 return empty
             try:
-                session, body = self._call(MsgType.LOOKUP, {}, keys, self._deadline(MsgType.LOOKUP))
-                remote_id = int(body["lease_id"])
-                slab_ids = _int_list(body, "slab_ids", len(keys), session.segment.num_slabs)
-                gens = _int_list(body, "generations", len(keys), 2**64)
+                session, reply = self._call(lambda epoch: LookupRequest(epoch, keys), self._deadline(MsgType.LOOKUP))
+                slab_ids = _check_ids(reply.slab_ids, "slab_ids", len(keys), session.segment.num_slabs)
+                gens = reply.generations
                 if len(gens) != len(slab_ids):
                     raise DaemonError(ErrorCode.BAD_REQUEST, "LOOKUP reply: slab_ids and generations differ in length")
-            except (DaemonUnavailable, DaemonError, KeyError, TypeError, ValueError) as exc:
-                log.debug("lookup is a miss: %s", exc)
+            except (DaemonUnavailable, DaemonError):  # logged when the link changes (_call)
                 self._stats.miss_chunks += len(keys)
                 return empty
             self._stats.hit_chunks += len(slab_ids)
@@ -326,8 +508,8 @@ class MPStore(CacheStore):
             if not slab_ids:
                 return empty
             local_id = next(self._local_ids)
-            self._leases[local_id] = _Handle(session.epoch, remote_id)
-            return Lease(local_id, keys, tuple(slab_ids), tuple(gens), start + session.lease_ttl_s)
+            self._leases[local_id] = _Handle(session.epoch, reply.lease_id)
+            return Lease(local_id, keys, slab_ids, gens, start + session.lease_ttl_s)
 
     def load(self, lease: Lease, slots: torch.Tensor, layers: range | None = None) -> LoadResult:
         n = lease.num_chunks
@@ -355,9 +537,9 @@ class MPStore(CacheStore):
             if handle is None or self._session_for(handle) is None:
                 return
             try:
-                self._call(MsgType.RELEASE, {"lease_id": handle.remote_id}, (), self._deadline(MsgType.RELEASE))
-            except (DaemonUnavailable, DaemonError) as exc:
-                log.debug("release not delivered (the lease will expire): %s", exc)
+                self._call(lambda epoch: ReleaseRequest(epoch, handle.remote_id), self._deadline(MsgType.RELEASE))
+            except (DaemonUnavailable, DaemonError):
+                pass  # not delivered: the lease expires (logged when the link changes)
 
     def verify(self, lease: Lease) -> int:
         with self._lock:
@@ -371,20 +553,19 @@ class MPStore(CacheStore):
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
         keys = check_keys(keys, limit=MAX_KEYS)
         with self._lock:
+            self._check_open()
             empty = Reservation(0, keys, (), (), (), time.monotonic())
             if not keys:
                 return empty
             start = time.monotonic()
             try:
-                session, body = self._call(MsgType.RESERVE, {}, keys, self._deadline(MsgType.RESERVE))
-                remote_id = int(body["reservation_id"])
-                indices = _int_list(body, "chunk_indices", len(keys), len(keys))
-                slab_ids = _int_list(body, "slab_ids", len(keys), session.segment.num_slabs)
-                gens = _int_list(body, "generations", len(keys), 2**64)
-                if not len(indices) == len(slab_ids) == len(gens) or indices != sorted(set(indices)):
+                session, reply = self._call(lambda epoch: ReserveRequest(epoch, keys), self._deadline(MsgType.RESERVE))
+                indices = _check_ids(reply.chunk_indices, "chunk_indices", len(keys), len(keys))
+                slab_ids = _check_ids(reply.slab_ids, "slab_ids", len(keys), session.segment.num_slabs)
+                gens = reply.generations
+                if not len(indices) == len(slab_ids) == len(gens) or list(indices) != sorted(set(indices)):
                     raise DaemonError(ErrorCode.BAD_REQUEST, "RESERVE reply: inconsistent chunk_indices/slab_ids/generations")
-            except (DaemonUnavailable, DaemonError, KeyError, TypeError, ValueError) as exc:
-                log.debug("store dropped: %s", exc)
+            except (DaemonUnavailable, DaemonError):  # logged when the link changes (_call)
                 self._stats.dropped_chunks += len(keys)
                 return empty
             # Keys not handed out are cached already, being written, or past a full pool.
@@ -392,15 +573,19 @@ class MPStore(CacheStore):
             if not slab_ids:
                 return empty
             local_id = next(self._local_ids)
-            self._reservations[local_id] = _Handle(session.epoch, remote_id)
-            return Reservation(local_id, keys, tuple(indices), tuple(slab_ids), tuple(gens), start + session.lease_ttl_s)
+            self._reservations[local_id] = _Handle(session.epoch, reply.reservation_id)
+            return Reservation(local_id, keys, indices, slab_ids, gens, start + session.lease_ttl_s)
 
     def save(self, reservation: Reservation, slots: torch.Tensor) -> int:
         n = reservation.num_chunks
         if n == 0:
             return 0
         cs = self.chunk_size
-        self._check_slots(slots, len(reservation.keys) * cs, "slots")
+        try:
+            self._check_slots(slots, len(reservation.keys) * cs, "slots")
+        except (TypeError, ValueError):
+            self.abort(reservation)  # first: the keys must not stay "being written" until the TTL
+            raise
         with self._lock:
             session = self._session_for(self._reservations.get(reservation.reservation_id))
             if session is None or not self._time_left_ok(reservation.deadline, session):
@@ -427,10 +612,10 @@ class MPStore(CacheStore):
             # nothing to publish, whatever the copy did.
             if self._session_for(handle) is not None and time.monotonic() < reservation.deadline:
                 try:
-                    _, body = self._call(MsgType.COMMIT, {"reservation_id": handle.remote_id}, (), self._deadline(MsgType.COMMIT))
-                    committed = min(int(body["committed"]), n)
-                except (DaemonUnavailable, DaemonError, KeyError, TypeError, ValueError) as exc:
-                    log.debug("commit failed, store dropped: %s", exc)
+                    _, reply = self._call(lambda epoch: CommitRequest(epoch, handle.remote_id), self._deadline(MsgType.COMMIT))
+                    committed = min(reply.committed, n)
+                except (DaemonUnavailable, DaemonError):
+                    pass  # the store is dropped and counted (logged when the link changes)
             self._stats.stored_chunks += committed
             self._stats.stored_bytes += committed * self.slab_bytes
             self._stats.dropped_chunks += n - committed
@@ -442,9 +627,9 @@ class MPStore(CacheStore):
             if self._session_for(handle) is None:
                 return
             try:
-                self._call(MsgType.ABORT, {"reservation_id": handle.remote_id}, (), self._deadline(MsgType.ABORT))
-            except (DaemonUnavailable, DaemonError) as exc:
-                log.debug("abort not delivered (the reservation will expire): %s", exc)
+                self._call(lambda epoch: AbortRequest(epoch, handle.remote_id), self._deadline(MsgType.ABORT))
+            except (DaemonUnavailable, DaemonError):
+                pass  # not delivered: the reservation expires (logged when the link changes)
 
     # -- primitives ----------------------------------------------------------
 
@@ -464,23 +649,30 @@ class MPStore(CacheStore):
                 self._stats, extra={"connected": float(self._session is not None), "sessions": float(self._reconnects)}
             )
 
-    def daemon_stats(self) -> dict[str, Any] | None:
+    def daemon_stats(self) -> StatsReply | None:
         """The daemon's STATS reply, or None when it does not answer in time."""
         with self._lock:
+            self._check_open()
             try:
-                return self._conn.request(MsgType.STATS, deadline=self._deadline(MsgType.STATS))
+                return self._conn.call(StatsRequest(), deadline=self._deadline(MsgType.STATS))
             except (DaemonUnavailable, DaemonError):
                 return None
 
     def clear(self) -> None:
         with self._lock:
+            self._check_open()
             try:
-                self._conn.request(MsgType.CLEAR, deadline=self._deadline(MsgType.CLEAR))
+                self._conn.call(ClearRequest(), deadline=self._deadline(MsgType.CLEAR))
             except (DaemonUnavailable, DaemonError) as exc:
                 log.warning("CLEAR not delivered: %s", exc)
 
     def close(self) -> None:
+        """Unmap the segment and close the socket; later lookups and stores raise StoreClosed
+        (release and abort of what is left do nothing). Idempotent."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._session = None
             if self._segment is not None:
                 self._segment.close()
