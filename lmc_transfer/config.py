@@ -82,7 +82,7 @@ def _number(*, positive: bool, maximum: float) -> _Check:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
             raise _BadValue("a positive number" if positive else "a number >= 0")
         if not math.isfinite(v) or v > maximum:
-            raise _BadValue(f"a finite number <= {maximum:g}")
+            raise _BadValue(f"a finite number <= {maximum:.0f}")
         return float(v)
 
     return check
@@ -368,6 +368,7 @@ def load_config(path: str | os.PathLike[str]) -> LMCTransferConfig:
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """One line for a YAML error (PyYAML's own message spans several, with a snippet)."""
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or type(exc).__name__
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
+    if mark is None:  # a reader error (a character YAML does not allow): its first line says it all
+        position = getattr(exc, "position", None)
+        return str(exc).splitlines()[0] + (f" at offset {position}" if position is not None else "")
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__} at line {mark.line + 1}, column {mark.column + 1}"

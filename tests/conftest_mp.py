@@ -7,8 +7,10 @@ so cross-process tests use fresh interpreters instead of forking torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -16,12 +18,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from unittest import mock
 
 import pytest
 import torch
 import yaml
+import zmq
 
 from lmc_transfer.config import LMCTransferConfig, load_config
 from lmc_transfer.daemon.instance import DaemonInstance, runtime_stem
@@ -108,13 +111,13 @@ def daemon_env(workdir: Path) -> dict[str, str]:
 class Daemon:
     """A daemon subprocess; ``stop`` checks that it cleaned up after itself."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, log_level: str = "INFO") -> None:
         self.config_path = config_path
         self.config: LMCTransferConfig = load_config(config_path)
         self.log_path = config_path.with_suffix(".log")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmc_transfer.daemon", "--config", str(config_path)],
+            [sys.executable, "-m", "lmc_transfer.daemon", "--config", str(config_path), "--log-level", log_level],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -227,10 +230,109 @@ def daemons() -> Iterator[list[Daemon]]:
             d.cleanup_leftovers()
 
 
-def start_daemon(daemons: list[Daemon], config_path: Path) -> Daemon:
-    d = Daemon(config_path)
+def start_daemon(daemons: list[Daemon], config_path: Path, log_level: str = "INFO") -> Daemon:
+    d = Daemon(config_path, log_level)
     daemons.append(d)
     return d
+
+
+@contextlib.contextmanager
+def raw_socket(url: str, timeout_ms: int = 5000) -> Iterator[zmq.Socket]:
+    """A bare DEALER connected to ``url`` (a hostile or hand-driven client); its own context."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    sock.connect(url)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+#: The uid (and gid) the "other local user" of the security tests runs as.
+OTHER_UID = 65534
+
+
+class OtherUser:
+    """``work(ready)`` in a forked child that switched to ``OTHER_UID``: another local user.
+
+    Only root can switch, so without root the test is skipped (with that reason). The child
+    calls ``ready()`` once set up and returns something JSON-able (or raises: the error comes
+    back as ``{"error": ...}``); ``stop_requested()`` turns true once the parent calls
+    ``stop``. The child uses only modules the parent imported already (it cannot read a
+    Python installation under root's home) and leaves through ``os._exit``.
+    """
+
+    def __init__(self, work: Callable[["OtherUser"], Any]) -> None:
+        if os.getuid() != 0:
+            pytest.skip("needs root: the other local user is a child that calls os.setuid")
+        self._result_r, result_w = os.pipe()
+        stop_r, self._stop_w = os.pipe()
+        self._stop_fd = stop_r
+        self._result_fd = result_w
+        self.pid = os.fork()
+        if self.pid == 0:  # the other user
+            os.close(self._result_r)
+            os.close(self._stop_w)
+            try:
+                os.setgroups([])
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+                result = {"value": work(self)}
+            except BaseException as exc:  # reported to the parent
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            try:
+                os.write(result_w, b"D" + json.dumps(result).encode())
+            finally:
+                os._exit(0)
+        os.close(result_w)
+        os.close(stop_r)
+
+    # -- in the child --------------------------------------------------------
+
+    def ready(self) -> None:
+        os.write(self._result_fd, b"R")
+
+    def stop_requested(self) -> bool:
+        return bool(select.select([self._stop_fd], [], [], 0)[0])
+
+    # -- in the parent -------------------------------------------------------
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        head = self._read(1, timeout_s)
+        if head != b"R":
+            raise RuntimeError(f"the other user's process failed before it was ready: {head + self._read_rest(timeout_s)!r}")
+
+    def stop(self, timeout_s: float = 30.0) -> Any:
+        """Ask the child to finish; its result (RuntimeError carrying the child's error)."""
+        os.close(self._stop_w)
+        data = self._read_rest(timeout_s)
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self._result_r)
+        if not data.startswith(b"D"):
+            raise RuntimeError(f"the other user's process ended without a result (status {status}): {data!r}")
+        result = json.loads(data[1:])
+        if "error" in result:
+            raise RuntimeError(f"the other user's process failed: {result['error']}")
+        return result["value"]
+
+    def _read(self, n: int, timeout_s: float) -> bytes:
+        if not select.select([self._result_r], [], [], timeout_s)[0]:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            raise TimeoutError(f"the other user's process said nothing for {timeout_s}s")
+        return os.read(self._result_r, n)
+
+    def _read_rest(self, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        chunks = []
+        while True:
+            chunk = self._read(1 << 16, max(0.0, deadline - time.monotonic()))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def run_engine(*args: str, timeout: float = 60.0) -> dict:

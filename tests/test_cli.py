@@ -40,3 +40,28 @@ def test_a_bad_value_is_one_line_and_exit_status_2(tmp_path, capsys: pytest.Capt
     assert server_main(["--config", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"python -m lmc_transfer.daemon: {bad}: chunk_size: expected an integer >= 1, got 0")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d, "is a directory, expected a YAML file"),
+        (lambda d: _write(d / "inf.yaml", b"lease_ttl_s: .inf\n"), "lease_ttl_s: expected a finite number <= 86400, got inf"),
+        (lambda d: _write(d / "bad.yaml", b"chunk_size: [\n"), "not valid YAML: expected the node content"),
+        (lambda d: _write(d / "latin1.yaml", b"mp_socket: caf\xe9\n"), "not UTF-8 text (byte 0xe9 at offset 14)"),
+    ],
+)
+def test_an_unusable_config_file_is_one_line_and_exit_status_2(tmp_path, capsys: pytest.CaptureFixture[str], make,
+                                                                message: str) -> None:
+    path = make(tmp_path)
+    for run, prog in ((lambda: main(["server", "--config", str(path)]), "lmc-transfer server"),
+                      (lambda: main(["stats", "--config", str(path)]), "lmc-transfer stats"),
+                      (lambda: server_main(["--config", str(path)]), "python -m lmc_transfer.daemon")):
+        assert run() == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: {path}: {message}"), err
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path

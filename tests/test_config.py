@@ -180,3 +180,55 @@ def test_config_is_frozen() -> None:
     cfg = LMCTransferConfig()
     with pytest.raises(AttributeError):
         cfg.chunk_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "key, maximum",
+    [("lease_ttl_s", 86400), ("max_local_cpu_size", 65536), ("max_local_disk_size", 1048576),
+     ("disk_flush_interval_s", 3600), ("remote_ttl_s", 31536000), ("max_remote_size", 1048576)],
+)
+@pytest.mark.parametrize("text, shown", [(".inf", "inf"), (".nan", "nan"), ("1000000000000", "1000000000000"),
+                                         ("1.0e+12", "1000000000000.0")])
+def test_numbers_that_are_not_finite_or_past_a_sane_bound_are_refused(tmp_path: Path, key: str, maximum: int,
+                                                                       text: str, shown: str) -> None:
+    path = write(tmp_path, f"{key}: {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {key}: expected a finite number <= {maximum}, got {shown}"
+
+
+@pytest.mark.parametrize("key", ["chunk_size", "lookup_timeout_ms", "request_timeout_ms", "remote_timeout_ms",
+                                 "staging_buffer_size", "max_programs", "remote_queue"])
+def test_integers_past_a_sane_bound_are_refused(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, f"{key}: 1000000000000\n")
+    with pytest.raises(ConfigError, match=rf"^.*: {key}: expected an integer in \[1, \d+\], got 1000000000000$"):
+        load_config(path)
+
+
+def test_the_largest_sane_values_load(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "lease_ttl_s: 86400\nmax_local_cpu_size: 65536\nrequest_timeout_ms: 3600000\n"))
+    assert (cfg.lease_ttl_s, cfg.max_local_cpu_bytes, cfg.request_timeout_ms) == (86400.0, 65536 * GB, 3600000)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"chunk_size: [\n", "not valid YAML: expected the node content, but found '<stream end>' at line 2, column 1"),
+        (b"a: 1\n  b: 2\n", "not valid YAML: mapping values are not allowed here at line 2, column 4"),
+        (b"chunk_size: 16\nmp_socket: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 29)"),
+        (b"a: \x01", "not valid YAML: unacceptable character #x0001: special characters are not allowed at offset 3"),
+    ],
+)
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_a_directory_is_no_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, expected a YAML file"

@@ -4,6 +4,7 @@ STATS, disk tier across restarts, CLI, tcp (the disk tier on its own: tests/test
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -33,7 +34,7 @@ from lmc_transfer.daemon.protocol import (
     decode_reply,
     encode_request,
 )
-from lmc_transfer.daemon.server import check_bind_address
+from lmc_transfer.daemon.server import CacheDaemon, check_bind_address
 from lmc_transfer.daemon.shm import SharedSegment, segment_exists
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
@@ -44,6 +45,7 @@ from tests.conftest_mp import (  # noqa: F401  (fixtures)
     expected_after_load,
     make_buffers,
     prompt_keys,
+    raw_socket,
     engine_load,
     engine_store,
     start_daemon,
@@ -213,20 +215,15 @@ def test_fuzz_garbage_never_kills_the_daemon(workdir, daemons, endpoint):
     try:
         stats0 = d.stats()
         log_bytes0 = d.log_path.stat().st_size
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 5000)
-        sock.connect(d.config.mp_url)
-        session = _open_session(sock, token)
-        messages = _garbage_messages(random.Random(1234), store._session.epoch, session)
         replies: list[Reply] = []
         start = time.monotonic()
+        with raw_socket(d.config.mp_url) as sock:
+            session = _open_session(sock, token)
+            messages = _garbage_messages(random.Random(1234), store._session.epoch, session)
 
-        def receive() -> None:
-            replies.append(decode_reply(sock.recv_multipart(), session))  # every reply is well-formed
+            def receive() -> None:
+                replies.append(decode_reply(sock.recv_multipart(), session))  # every reply is well-formed
 
-        try:
             for i, msg in enumerate(messages):
                 sock.send_multipart(msg)
                 if i % 50 == 49:  # keep the queues short
@@ -236,9 +233,6 @@ def test_fuzz_garbage_never_kills_the_daemon(workdir, daemons, endpoint):
             while len(replies) < len(messages) and time.monotonic() < deadline:
                 if sock.poll(200):
                     receive()
-        finally:
-            sock.close()
-            ctx.term()
         assert time.monotonic() - start < 60
         assert d.alive()
         assert len(replies) == len(messages)  # everything got an answer
@@ -542,3 +536,45 @@ def test_segment_of_a_live_pid_is_not_reaped(workdir, daemons):
     finally:
         live.close()
     assert not segment_exists(live.name)
+
+
+def test_a_flood_of_huge_integers_is_a_protocol_error_with_a_bounded_log(workdir, daemons):
+    """Integers past Python's digit limit once gave an "internal" error and a traceback per message."""
+    d = start_daemon(daemons, write_config(workdir, mp_auth_token="t0ken"))
+    log_bytes0 = d.log_path.stat().st_size
+    rng = random.Random(9)
+    replies = []
+    with raw_socket(d.config.mp_url) as sock:
+        for _ in range(300):
+            digits = "7" * rng.randrange(4301, 9000)
+            field = rng.choice(["id", "v", "nkeys"])
+            header = {"v": 1, "type": "LOOKUP", "id": 5, "nkeys": 1, "body": {"epoch": "e"}, field: HUGE}
+            sock.send_multipart([json.dumps(header).replace(f'"{HUGE}"', digits).encode(), bytes(KEY_BYTES)])
+            replies.append(decode_reply(sock.recv_multipart()))
+    assert {(r.ok, r.code, r.request_id) for r in replies} == {(False, ErrorCode.BAD_REQUEST, 0)}
+    assert all("at most 20 digits" in r.error for r in replies)
+    assert d.log_path.stat().st_size - log_bytes0 < 500
+    assert d.request(MsgType.PING)["pid"] == d.proc.pid
+    assert d.stop() == 0 and d.leftovers() == []
+
+
+def test_unexpected_errors_are_logged_at_a_bounded_rate(workdir, caplog):
+    now = [0.0]
+    daemon = CacheDaemon(load_config(write_config(workdir)), clock=lambda: now[0])
+
+    def broken(message):
+        raise RuntimeError("handler bug")
+
+    daemon._handlers[MsgType.PING] = broken
+    ping = encode_request(Request(MsgType.PING, 3))
+    caplog.set_level(logging.ERROR, logger="lmc_transfer.daemon.server")
+    for _ in range(300):
+        reply = decode_reply(daemon._begin(ping))
+        assert (reply.ok, reply.code, reply.error, reply.request_id) == (False, ErrorCode.INTERNAL, "RuntimeError: handler bug", 3)
+    assert len(caplog.records) == 10 and all(r.exc_info for r in caplog.records)
+    now[0] += 60.0  # the next window: one record that counts what was held back
+    decode_reply(daemon._begin(ping))
+    assert len(caplog.records) == 11
+    assert caplog.records[-1].getMessage() == (
+        "internal error while handling a request (290 similar errors not logged before this one)")
+    assert daemon.counters.errors == 301

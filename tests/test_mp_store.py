@@ -4,6 +4,7 @@ concurrent clients, TP ranks, late replies."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -13,7 +14,7 @@ import zmq
 
 from lmc_transfer.config import load_config
 from lmc_transfer.kernels import SlotRangeError
-from lmc_transfer.store.mp_client import DaemonConnection, DaemonUnavailable, MPStore
+from lmc_transfer.store.mp_client import DaemonConnection, DaemonUnavailable, MPStore, StoreClosed
 from lmc_transfer.daemon.protocol import PROTOCOL_VERSION, MsgType
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
@@ -316,3 +317,68 @@ def test_bad_slots_abort_the_save_at_once_and_are_named(workdir, daemons):
         store.release(lease)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("slots, error, message", [
+    (torch.arange(2 * CHUNK, dtype=torch.int32), TypeError, "slots must be a 1-D int64 tensor, got torch.int32 tensor"),
+    (torch.arange(2 * CHUNK - 1), ValueError, f"slots must hold {2 * CHUNK} slot indices, got {2 * CHUNK - 1}"),
+    (torch.arange(2 * CHUNK).view(2, CHUNK), TypeError, "slots must be a 1-D int64 tensor"),
+])
+def test_a_save_with_unusable_slots_aborts_before_it_raises(workdir, daemons, slots, error, message):
+    d = start_daemon(daemons, write_config(workdir))
+    store = MPStore(d.config, make_buffers(62))
+    try:
+        keys = prompt_keys(store.buffers, tokens_for(62, 2))
+        res = store.reserve(keys)
+        assert res.num_chunks == 2 and d.stats()["pool"]["reservations"] == 1
+        with pytest.raises(error, match=message):
+            store.save(res, slots)
+        assert d.stats()["pool"]["reservations"] == 0  # not "being written" until the TTL
+        assert store.save(store.reserve(keys), torch.arange(2 * CHUNK)) == 2
+    finally:
+        store.close()
+
+
+def test_calls_after_close_raise_a_clear_error(workdir, daemons):
+    d = start_daemon(daemons, write_config(workdir))
+    store = MPStore(d.config, make_buffers(63))
+    keys = prompt_keys(store.buffers, tokens_for(63, 1))
+    assert store.save(store.reserve(keys), torch.arange(CHUNK)) == 1
+    lease = store.lookup(keys)
+    store.close()
+    store.close()  # idempotent
+    for call in (lambda: store.lookup(keys), lambda: store.reserve(keys), store.daemon_stats, store.clear):
+        with pytest.raises(StoreClosed, match=rf"this MPStore \(cache daemon at {d.config.mp_url}\) is closed"):
+            call()
+    store.release(lease)  # what is left over is let go quietly (the lease expires in the daemon)
+
+
+def test_the_link_to_the_daemon_is_logged_once_per_change(workdir, daemons, caplog):
+    cfg = write_config(workdir, lookup_timeout_ms=150, request_timeout_ms=250)
+    caplog.set_level(logging.DEBUG, logger="lmc_transfer.store.mp_client")
+    store = MPStore(load_config(cfg), make_buffers(64))
+    try:
+        keys = prompt_keys(store.buffers, tokens_for(64, 2))
+        for _ in range(5):
+            assert store.lookup(keys).num_chunks == 0
+            assert store.reserve(keys).num_chunks == 0
+            time.sleep(0.06)
+        d = start_daemon(daemons, cfg)
+        deadline = time.monotonic() + 5
+        while store.save(store.reserve(keys), torch.arange(2 * CHUNK)) != 2:
+            assert time.monotonic() < deadline, "the store never reconnected"
+            time.sleep(0.05)
+        for _ in range(5):
+            store.release(store.lookup(keys))
+        d.stop()
+        for _ in range(5):
+            assert store.lookup(keys).num_chunks == 0
+    finally:
+        store.close()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    url = load_config(cfg).mp_url
+    assert [level for level, _ in records] == [logging.WARNING] * 3, records
+    assert records[0][1].startswith(f"cache daemon at {url} unreachable: ")
+    assert records[0][1].endswith("; lookups miss and stores are dropped until it answers")
+    assert records[1][1].startswith(f"cache daemon at {url}: reachable again (epoch ")
+    assert records[2][1].startswith(f"cache daemon at {url} unreachable: ")

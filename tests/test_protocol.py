@@ -271,3 +271,15 @@ def test_segment_size_and_arguments():
         SharedSegment.create(0, 10)
     with pytest.raises(ValueError, match="slab_bytes must be a positive int, got -1"):
         SharedSegment.create(1, -1)
+
+
+def test_a_segment_others_can_open_is_refused(segment):
+    """(Another uid's segment: tests/test_mp_security.py.)"""
+    path = f"/dev/shm{segment.name}"
+    os.chmod(path, 0o640)
+    with pytest.raises(PermissionError, match=rf"segment {segment.name} must be a regular file owned by uid "
+                                              rf"{os.getuid()} with mode 0600, got a regular file owned by uid "
+                                              rf"{os.getuid()} with mode 0o640"):
+        SharedSegment.open(segment.name, 5, 3 * 1024)
+    os.chmod(path, 0o600)
+    SharedSegment.open(segment.name, 5, 3 * 1024).close()

@@ -148,7 +148,7 @@ class CacheDaemon:
         self._state: _Pool | None = None
         self._clients: RecentTable[None] = RecentTable(_MAX_CLIENTS, _CLIENT_IDLE_S, clock)
         self._sessions = Sessions(config.mp_auth_token, clock)  # bind() adds a TCP token
-        self._errors = RateLimitedLog(log)
+        self._errors = RateLimitedLog(log, clock=clock)
         self._handlers: dict[MsgType, Callable[[Any], Body | Deferred]] = {
             MsgType.HELLO: self._hello,
             MsgType.LOOKUP: self._lookup,
