@@ -48,7 +48,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(load_config(args.config))
-    except (AlreadyRunning, PermissionError) as exc:
+    except (AlreadyRunning, OSError) as exc:  # taken endpoint, unsafe directory, port in use
         print(f"lmc-transfer server: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -578,3 +578,17 @@ def test_unexpected_errors_are_logged_at_a_bounded_rate(workdir, caplog):
     assert caplog.records[-1].getMessage() == (
         "internal error while handling a request (290 similar errors not logged before this one)")
     assert daemon.counters.errors == 301
+
+
+def test_a_tcp_port_held_by_another_process_is_one_error_line(workdir):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = write_config(workdir, mp_socket=None, mp_host="127.0.0.1", mp_port=port)
+        out = subprocess.run([sys.executable, "-m", "lmc_transfer.daemon", "--config", str(cfg)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, env=daemon_env(workdir))
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith(f"cannot listen on tcp://127.0.0.1:{port}: Address already in use"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not list((workdir / "lmc-transfer").glob("*.token")) and not list((workdir / "lmc-transfer").glob("*.state"))

@@ -14,9 +14,10 @@ lmc_transfer.daemon.instance) answers only CHALLENGE and AUTH until a peer has a
 4. Every later message of the session, both ways, names the session id in its header and ends
    with a MAC frame (``seal``): HMAC(key) over the length-prefixed frames before it. The daemon
    checks it before it parses anything else; the client ignores any reply that is not sealed
-   (an unsealed ``unauthorized`` error only makes it authenticate again). So a peer that takes
-   the port over after the daemon died, and that the client's socket reconnects to on its own,
-   can neither answer for the daemon nor learn anything it could use against it.
+   (an unsealed ``unauthorized`` error only makes it authenticate again).
+5. A session lives as long as the client's socket: the socket never reconnects by itself, and a
+   new socket authenticates again before it sends anything else. So a peer that takes the port
+   over after the daemon died hears nothing but a nonce, and cannot answer for the daemon.
 
 Distinct labels keep a MAC of one kind from being replayed as another; fresh nonces on both
 sides keep a recorded exchange from being replayed. Nothing here hides the traffic from a

@@ -83,7 +83,7 @@ from lmc_transfer.daemon.messages import (
 from lmc_transfer.daemon.promoter import Deferred, Promoter
 from lmc_transfer.daemon.protocol import ErrorCode, MsgType, ProtocolError, Reply, decode_request, encode_reply, request_id_of
 from lmc_transfer.daemon.sessions import RecentTable, Sessions
-from lmc_transfer.daemon.shm import SegmentSpaceError, SharedSegment, check_shm_space
+from lmc_transfer.daemon.shm import SharedSegment, check_shm_space
 from lmc_transfer.kernels.geometry import KVGeometry
 from lmc_transfer.private_paths import ensure_private_dir
 from lmc_transfer.store.base import Lease
@@ -183,16 +183,17 @@ class CacheDaemon:
         instance.acquire()
         try:
             instance.record_segment(None)
-            if self.config.uses_tcp and self.config.mp_auth_token is None:
-                # TCP is open to every local user: never without a token.
+            auto_token = self.config.uses_tcp and self.config.mp_auth_token is None
+            if auto_token:  # TCP is open to every local user: never without a token
                 self._sessions = Sessions(instance.new_token(), self._clock)
-                log.info("tcp without mp_auth_token: clients of uid %d read this start's token from %s",
-                         os.getuid(), instance.token_path)
             self._bind_socket(url)
         except BaseException:
             instance.release()
             raise
         self._instance = instance
+        if auto_token:
+            log.info("tcp without mp_auth_token: clients of uid %d read this start's token from %s",
+                     os.getuid(), instance.token_path)
         log.info("lmc-transfer daemon listening on %s (pid %d, epoch %s)", self.endpoint, os.getpid(), self.epoch)
         return self.endpoint
 
@@ -214,7 +215,10 @@ class CacheDaemon:
             os.chmod(path, 0o600)
             self._ipc_path = path
         else:
-            sock.bind(url)
+            try:
+                sock.bind(url)
+            except zmq.ZMQError as exc:  # e.g. another user's process holds the port
+                raise OSError(f"cannot listen on {url}: {os.strerror(exc.errno)}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve_forever(self, stop: threading.Event) -> None:
@@ -614,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m lmc_transfer.daemon: {exc}", file=sys.stderr)
         return 2
-    except (AlreadyRunning, PermissionError, SegmentSpaceError) as exc:
+    except (AlreadyRunning, OSError) as exc:  # taken endpoint, unsafe directory, no /dev/shm room, port in use
         log.error("%s", exc)
         return 1
     return 0
