@@ -19,10 +19,14 @@ import zmq
 
 from lmc_transfer.config import load_config
 from lmc_transfer.daemon.instance import read_token, token_path
-from lmc_transfer.daemon.messages import HelloReply
+from lmc_transfer.daemon.server import CacheDaemon
+from lmc_transfer.daemon import auth
+from lmc_transfer.daemon.messages import AuthRequest, ChallengeRequest, HelloReply
+from lmc_transfer.daemon.sessions import CHALLENGE_TTL_S, SESSION_IDLE_S, Sessions
 from lmc_transfer.daemon.protocol import (
     ErrorCode,
     MsgType,
+    ProtocolError,
     Reply,
     Request,
     decode_reply,
@@ -355,3 +359,60 @@ def test_no_secret_in_the_logs_of_a_daemon_and_its_clients(workdir, daemons, cap
     for what, text in (("the daemon's log", log), ("this process's log", caplog.text),
                        ("the CLI", cli.stdout + cli.stderr)):
         _assert_no_secret(what, text)
+
+
+def test_a_forgotten_session_authenticates_again_by_itself(workdir):
+    """The daemon forgets sessions idle past SESSION_IDLE_S; the client's next request is
+    answered ``unauthorized`` (unsealed), and it runs the handshake again within that request."""
+    offset = [0.0]
+    daemon = CacheDaemon(load_config(write_config(workdir, mp_auth_token="t0ken")),
+                         clock=lambda: time.monotonic() + offset[0])
+    daemon.bind()
+    stop = threading.Event()
+    loop = threading.Thread(target=daemon.serve_forever, args=(stop,), daemon=True)
+    loop.start()
+    conn = DaemonConnection(daemon.config.mp_url, "t0ken")
+    try:
+        assert conn.request(MsgType.PING, deadline=time.monotonic() + 2)["pid"] == os.getpid()
+        first = conn._auth
+        offset[0] += SESSION_IDLE_S + 1
+        assert conn.request(MsgType.PING, deadline=time.monotonic() + 2)["pid"] == os.getpid()
+        assert conn._auth is not None and conn._auth != first
+        # CHALLENGE, AUTH, PING; the refused PING; CHALLENGE, AUTH and the PING again
+        assert (daemon.counters.requests, daemon.counters.errors) == (7, 1)
+    finally:
+        conn.close()
+        stop.set()
+        loop.join(10)
+        daemon.close()
+    assert not loop.is_alive()
+
+
+def test_a_challenge_answers_one_auth_and_expires():
+    now = [0.0]
+    sessions = Sessions("t0ken", clock=lambda: now[0])
+    client_nonce = auth.new_nonce()
+    challenge = sessions.challenge(ChallengeRequest(client_nonce))
+    assert auth.same(auth.daemon_proof("t0ken", client_nonce, challenge.daemon_nonce), challenge.proof)
+    answer = AuthRequest(challenge.daemon_nonce, auth.client_proof("t0ken", client_nonce, challenge.daemon_nonce))
+    key = sessions.open(answer)
+    assert key == auth.derive_session("t0ken", client_nonce, challenge.daemon_nonce)
+    assert sessions.authorize(MsgType.PING, key.session) == key
+    with pytest.raises(ProtocolError, match="unknown or expired challenge"):
+        sessions.open(answer)  # replayed
+    late = sessions.challenge(ChallengeRequest(client_nonce))
+    now[0] += CHALLENGE_TTL_S + 1
+    with pytest.raises(ProtocolError, match="unknown or expired challenge"):
+        sessions.open(AuthRequest(late.daemon_nonce, auth.client_proof("t0ken", client_nonce, late.daemon_nonce)))
+    fresh = sessions.challenge(ChallengeRequest(client_nonce))
+    with pytest.raises(ProtocolError, match="wrong proof"):
+        sessions.open(AuthRequest(fresh.daemon_nonce, auth.client_proof("other", client_nonce, fresh.daemon_nonce)))
+    for msg_type, session, fragment in [(MsgType.PING, None, "authenticate first"),
+                                        (MsgType.PING, "0" * 32, "unknown or expired session"),
+                                        (MsgType.CHALLENGE, key.session, "must not name one")]:
+        with pytest.raises(ProtocolError, match=fragment) as info:
+            sessions.authorize(msg_type, session)
+        assert info.value.code is ErrorCode.UNAUTHORIZED
+    with pytest.raises(ProtocolError, match="this daemon has no token"):
+        Sessions(None).authorize(MsgType.CHALLENGE, None)
+    assert Sessions(None).authorize(MsgType.PING, None) is None
