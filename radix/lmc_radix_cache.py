@@ -48,9 +48,6 @@ from lmc_transfer.transfer.paths import Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 
-#: An asynchronous (CUDA) layerwise load starts only with this much lease time left.
-_MIN_LEASE_LEFT_S = 1.0
-
 
 class LMCacheMode(enum.Enum):
     MP = "mp"  # pool in the cache daemon (two-phase load)
@@ -243,7 +240,7 @@ class LMCRadixCache(RadixCache):
             return LoadOutcome(counter.finish().tokens_loaded)
         # The slabs stay pinned by the lease while the copy runs behind the forward
         # pass; verify before, and let finish() re-check once it has landed.
-        if lease.deadline - time.monotonic() < min(_MIN_LEASE_LEFT_S, self.config.lease_ttl_s / 4):
+        if not self.store.has_time_for_copy(lease.deadline):
             return LoadOutcome(0)
         expected = self.store.verify(lease) * self.store.chunk_size
         counter.start_load(self.store, lease, slots)

@@ -12,7 +12,8 @@ from lmc_transfer.config import GB, LMCTransferConfig
 from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import LayoutKind, SlotRangeError
 from lmc_transfer.keys import chunk_keys
-from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
+from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
+from lmc_transfer.store.slots import chunk_slots
 from lmc_transfer.store.base import Reservation
 from lmc_transfer.transfer.paths import Transfer
 
@@ -188,12 +189,12 @@ def test_counter_state_errors_and_empty_lease() -> None:
 def test_chunk_slots_selects_reserved_rows_in_order() -> None:
     slots = torch.arange(100, 116)
     res = Reservation(1, tuple(keys_for(1, 4)), (0, 2, 3), (5, 6, 7), (1, 1, 1), 0.0)
-    assert chunk_slots(res, slots, CS).tolist() == [100, 101, 102, 103, 108, 109, 110, 111, 112, 113, 114, 115]
+    assert chunk_slots(res, slots, CS, slots.device).tolist() == [100, 101, 102, 103, 108, 109, 110, 111, 112, 113, 114, 115]
     contiguous = Reservation(1, tuple(keys_for(1, 4)), (1, 2), (5, 6), (1, 1), 0.0)
-    view = chunk_slots(contiguous, slots, CS)
+    view = chunk_slots(contiguous, slots, CS, slots.device)
     assert view.tolist() == list(range(104, 112)) and view.data_ptr() == slots[4:].data_ptr()
     with pytest.raises(ValueError, match=r"at least 16 slot indices \(4 keys of 4\), got shape \(15,\)"):
-        chunk_slots(res, slots[:15], CS)
+        chunk_slots(res, slots[:15], CS, slots.device)
 
 
 @pytest.mark.gpu
@@ -324,9 +325,9 @@ def test_a_store_that_outlives_its_reservation_is_dropped_not_committed() -> Non
     store = make_store(num_layers=LAYERS, clock=clock)
     keys = keys_for(9, 2)
     res = store.reserve(keys)
-    saver = LayerwiseStore(new_transfer(store), store, res, slot_range(0, 8), min_time_left_s=1.0)
+    saver = LayerwiseStore(new_transfer(store), store, res, slot_range(0, 8))
     saver.after_layer(0)
-    clock.now = res.deadline - 0.5  # less than min_time_left_s left: no more gathers into these slabs
+    clock.now = res.deadline - 0.5  # less than COPY_MARGIN_S left: no more gathers into these slabs
     saver.after_layer(1)
     saver.after_layer(2)
     assert saver.done()

@@ -536,6 +536,7 @@ class CacheDaemon:
             "chunk_indices": list(res.chunk_indices),
             "slab_ids": list(res.slab_ids),
             "generations": list(res.generations),
+            "no_room": res.no_room,
             "ttl_s": self.config.lease_ttl_s,
         }
 
