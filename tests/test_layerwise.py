@@ -57,7 +57,7 @@ def test_layerwise_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype
     store.release(lease)
     assert (result.chunks_loaded, result.tokens_loaded) == (3, 12)
     assert not counter.in_flight
-    for got, want in zip(rows(buffers, dst[:12]), expected):
+    for got, want in zip(rows(buffers, dst[:12]), expected, strict=True):
         assert torch.equal(got, want)
     unchanged_except(before, buffers, dst[:12])
 
@@ -226,7 +226,7 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
     store.release(lease)
     assert result.chunks_loaded == 256
     torch.cuda.synchronize()
-    for got, want in zip(rows(buffers, dst), expected):
+    for got, want in zip(rows(buffers, dst), expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -265,7 +265,7 @@ def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -
     assert result.chunks_loaded == 32
     torch.cuda.synchronize()
     per_layer_expected = [expected[layer * 2:(layer + 1) * 2] for layer in range(num_layers)]
-    for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected)):
+    for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected, strict=True)):
         for plane in range(2):
             assert torch.equal(got[plane], want[plane]), f"layer {layer} plane {plane} read before it landed"
 
@@ -301,7 +301,7 @@ def test_failed_start_load_leaves_the_counter_reusable() -> None:
     counter.start_load(store, lease, dst)
     assert counter.finish().chunks_loaded == 2
     store.release(lease)
-    for got, want in zip(rows(store.buffers, dst), expected):
+    for got, want in zip(rows(store.buffers, dst), expected, strict=True):
         assert torch.equal(got, want)
 
 
