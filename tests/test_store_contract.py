@@ -19,6 +19,7 @@ from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.store.base import COPY_MARGIN_S, CacheStore
 from lmc_transfer.store.ip import IPStore
 from lmc_transfer.store.mp_client import MPStore
+from lmc_transfer.tiers.format import HEADER_BYTES, SlabFormat, Verdict
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     SLAB_BYTES,
@@ -167,15 +168,16 @@ def test_a_lease_or_reservation_near_its_deadline_copies_nothing(store: CacheSto
 
 
 class GatedTier:
-    """A remote tier in memory whose existence check waits for ``gate`` (a hung Redis)."""
+    """A RemoteTier in memory whose existence check waits for ``gate`` (a hung Redis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slab_format: SlabFormat) -> None:
+        self.format = slab_format
         self.values: dict[bytes, bytes] = {}
         self.gate = threading.Event()
         self.gate.set()
 
-    def put_async(self, key: bytes, data: bytes, digest: bytes) -> bool:
-        self.values[key] = data
+    def put(self, key: bytes, value: bytes) -> bool:
+        self.values[key] = value
         return True
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
@@ -185,19 +187,23 @@ class GatedTier:
             n += 1
         return n
 
-    def fetch(self, keys: Sequence[bytes], digest: bytes) -> list[bytes]:
-        return [self.values[k] for k in keys]
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
+    def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
+        assert all(self.format.check_value(k, self.values[k]) is Verdict.OK for k in keys)
+        return [memoryview(self.values[k])[HEADER_BYTES:] for k in keys]
 
     def close(self) -> None:
         pass
 
 
 def test_ip_lookup_waits_for_a_hung_remote_at_most_remote_timeout_ms(monkeypatch):
-    tier = GatedTier()
-    monkeypatch.setattr("lmc_transfer.store.ip.build_remote_tier", lambda config, digest: tier)
+    tiers: list[GatedTier] = []
+
+    def build(config: LMCTransferConfig, slab_format: SlabFormat) -> GatedTier:
+        if not tiers:
+            tiers.append(GatedTier(slab_format))
+        return tiers[0]  # one remote shared by both stores
+
+    monkeypatch.setattr("lmc_transfer.store.ip.build_remote_tier", build)
     timeout_s = 0.1
     config = LMCTransferConfig.from_dict({
         "chunk_size": CHUNK, "max_local_cpu_size": 8 * SLAB_BYTES / 1024**3,
@@ -211,6 +217,7 @@ def test_ip_lookup_waits_for_a_hung_remote_at_most_remote_timeout_ms(monkeypatch
     finally:
         src.close()
     dst = IPStore(config, make_buffers(12))
+    tier = tiers[0]
     try:
         tier.gate.clear()
         for _ in range(2):  # the first starts the fill; the second finds it running
