@@ -70,7 +70,7 @@ def _measure(store, store_once, lookup_load, buffers, src, dst, keys, tokens, nb
     load_s = _median_s(lookup_load, 5)
     planes_src = [p.view(torch.uint8).view(buffers.num_slots, -1)[src] for layer in buffers.planes for p in layer]
     planes_dst = [p.view(torch.uint8).view(buffers.num_slots, -1)[dst] for layer in buffers.planes for p in layer]
-    assert all(torch.equal(a, b) for a, b in zip(planes_src, planes_dst)), "loaded bytes differ from stored bytes"
+    assert all(torch.equal(a, b) for a, b in zip(planes_src, planes_dst, strict=True)), "loaded bytes differ from stored bytes"
     lookup_times = []
     for _ in range(50):
         t0 = time.perf_counter()

@@ -11,8 +11,9 @@ cache=${LMC_SGLANG_VENV_CACHE:-${TMPDIR:-/tmp}/lmc-sglang-tier}
 main_version=0.5.23
 compat_version=0.5.20
 
-# The venv is keyed by everything that decides its contents (the editable install records the repo path).
-key=$( (cat "$repo/ci/sglang/requirements.txt" "$repo/ci/sglang/setup_venv.sh"; echo "$repo") | sha256sum | cut -c1-12)
+# The venv is keyed by everything that decides its contents (the editable install records the repo path
+# and installs the dependencies pyproject.toml names).
+key=$( (cat "$repo/ci/sglang/requirements.txt" "$repo/ci/sglang/setup_venv.sh" "$repo/pyproject.toml"; echo "$repo") | sha256sum | cut -c1-12)
 venv="$cache/venv-$key"
 if [[ ! -f "$venv/.complete" ]]; then
     rm -rf "$venv"

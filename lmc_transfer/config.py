@@ -266,6 +266,11 @@ class LMCTransferConfig:
             raise ConfigError(
                 f"{source}: max_local_disk_size: {self.max_local_disk_size} GB of disk tier needs local_disk to be set, got no local_disk"
             )
+        if self.mode is Mode.IP and self.local_disk is not None:
+            raise ConfigError(
+                f"{source}: local_disk: the disk tier lives in the cache daemon (mode: mp) and mode: ip would ignore it; "
+                f"set mode: mp or remove local_disk, got local_disk {self.local_disk!r} with mode: ip"
+            )
         self._check_remote(source)
         if self.uses_tcp and not self.allow_remote_tcp and not is_loopback(self.tcp_host):
             raise ConfigError(

@@ -424,7 +424,7 @@ def test_readers_only_see_true_triples_while_the_writer_churns_then_dies() -> No
                 start = time.monotonic()
                 found = reader.probe_prefix([key])
                 assert time.monotonic() - start < 1.0
-                assert all(slab_for(key, g) == s for s, g in zip(found.slab_ids, found.generations)), i
+                assert all(slab_for(key, g) == s for s, g in zip(found.slab_ids, found.generations, strict=True)), i
         finally:
             reader.close()
 

@@ -81,6 +81,7 @@ def test_from_dict_names_its_source() -> None:
         ("chunk_sise: 256\n", "unknown key 'chunk_sise'; did you mean 'chunk_size'?"),
         ("zzz: 1\n", "unknown key 'zzz'; known keys: mode, chunk_size"),
         ("max_local_disk_size: 1.0\n", "max_local_disk_size: 1.0 GB of disk tier needs local_disk to be set"),
+        ("local_disk: /d\n", "local_disk: the disk tier lives in the cache daemon (mode: mp) and mode: ip would ignore it"),
         ("mp_host: 10.0.0.5\n", "mp_host: expected a loopback address (set allow_remote_tcp: true to allow others), got '10.0.0.5'"),
         ("- a\n- b\n", "expected a mapping of config keys at the top level, got list"),
         ("chunk_size: [\n", "not valid YAML"),

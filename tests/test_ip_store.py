@@ -63,7 +63,7 @@ def rows(buffers: KVBuffers, slots: torch.Tensor) -> list[torch.Tensor]:
 
 
 def assert_rows_equal(buffers: KVBuffers, dst: torch.Tensor, src: torch.Tensor) -> None:
-    for got, want in zip(rows(buffers, dst), rows(buffers, src)):
+    for got, want in zip(rows(buffers, dst), rows(buffers, src), strict=True):
         assert torch.equal(got, want)
 
 
@@ -72,7 +72,7 @@ def unchanged_except(before: list[torch.Tensor], buffers: KVBuffers, written: to
     keep = torch.ones(buffers.num_slots, dtype=torch.bool)
     keep[written] = False
     after = buffer_bytes(buffers)
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         b_rows, a_rows = b.view(buffers.num_slots, -1), a.view(buffers.num_slots, -1)
         assert torch.equal(b_rows[keep], a_rows[keep])
 
@@ -106,7 +106,7 @@ def test_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype) -> None:
     result = store.load(lease, dst)
     assert (result.chunks_loaded, result.tokens_loaded) == (3, 12)
     store.release(lease)
-    for got, want in zip(rows(buffers, dst), expected):
+    for got, want in zip(rows(buffers, dst), expected, strict=True):
         assert torch.equal(got, want)
     unchanged_except(before, buffers, dst)
 
@@ -328,7 +328,7 @@ def test_scheduler_and_loader_threads_see_exact_bytes() -> None:
                 finally:
                     store.release(lease)
                 n = result.tokens_loaded
-                for got, want in zip(rows(buffers, dst[:n]), expected[d]):
+                for got, want in zip(rows(buffers, dst[:n]), expected[d], strict=True):
                     assert torch.equal(got, want[:n])
                 loaded_chunks[0] += result.chunks_loaded
         except BaseException as exc:  # noqa: BLE001 - surfaced below

@@ -12,7 +12,8 @@ from lmc_transfer.config import GB, LMCTransferConfig
 from lmc_transfer.store.ip import IPStore
 from lmc_transfer.kernels import LayoutKind, SlotRangeError
 from lmc_transfer.keys import chunk_keys
-from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore, chunk_slots
+from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
+from lmc_transfer.store.slots import chunk_slots
 from lmc_transfer.store.base import Reservation
 from lmc_transfer.transfer.paths import Transfer
 
@@ -56,7 +57,7 @@ def test_layerwise_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype
     store.release(lease)
     assert (result.chunks_loaded, result.tokens_loaded) == (3, 12)
     assert not counter.in_flight
-    for got, want in zip(rows(buffers, dst[:12]), expected):
+    for got, want in zip(rows(buffers, dst[:12]), expected, strict=True):
         assert torch.equal(got, want)
     unchanged_except(before, buffers, dst[:12])
 
@@ -188,12 +189,12 @@ def test_counter_state_errors_and_empty_lease() -> None:
 def test_chunk_slots_selects_reserved_rows_in_order() -> None:
     slots = torch.arange(100, 116)
     res = Reservation(1, tuple(keys_for(1, 4)), (0, 2, 3), (5, 6, 7), (1, 1, 1), 0.0)
-    assert chunk_slots(res, slots, CS).tolist() == [100, 101, 102, 103, 108, 109, 110, 111, 112, 113, 114, 115]
+    assert chunk_slots(res, slots, CS, slots.device).tolist() == [100, 101, 102, 103, 108, 109, 110, 111, 112, 113, 114, 115]
     contiguous = Reservation(1, tuple(keys_for(1, 4)), (1, 2), (5, 6), (1, 1), 0.0)
-    view = chunk_slots(contiguous, slots, CS)
+    view = chunk_slots(contiguous, slots, CS, slots.device)
     assert view.tolist() == list(range(104, 112)) and view.data_ptr() == slots[4:].data_ptr()
     with pytest.raises(ValueError, match=r"at least 16 slot indices \(4 keys of 4\), got shape \(15,\)"):
-        chunk_slots(res, slots[:15], CS)
+        chunk_slots(res, slots[:15], CS, slots.device)
 
 
 @pytest.mark.gpu
@@ -225,7 +226,7 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
     store.release(lease)
     assert result.chunks_loaded == 256
     torch.cuda.synchronize()
-    for got, want in zip(rows(buffers, dst), expected):
+    for got, want in zip(rows(buffers, dst), expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -264,7 +265,7 @@ def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -
     assert result.chunks_loaded == 32
     torch.cuda.synchronize()
     per_layer_expected = [expected[layer * 2:(layer + 1) * 2] for layer in range(num_layers)]
-    for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected)):
+    for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected, strict=True)):
         for plane in range(2):
             assert torch.equal(got[plane], want[plane]), f"layer {layer} plane {plane} read before it landed"
 
@@ -300,7 +301,7 @@ def test_failed_start_load_leaves_the_counter_reusable() -> None:
     counter.start_load(store, lease, dst)
     assert counter.finish().chunks_loaded == 2
     store.release(lease)
-    for got, want in zip(rows(store.buffers, dst), expected):
+    for got, want in zip(rows(store.buffers, dst), expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -324,9 +325,9 @@ def test_a_store_that_outlives_its_reservation_is_dropped_not_committed() -> Non
     store = make_store(num_layers=LAYERS, clock=clock)
     keys = keys_for(9, 2)
     res = store.reserve(keys)
-    saver = LayerwiseStore(new_transfer(store), store, res, slot_range(0, 8), min_time_left_s=1.0)
+    saver = LayerwiseStore(new_transfer(store), store, res, slot_range(0, 8))
     saver.after_layer(0)
-    clock.now = res.deadline - 0.5  # less than min_time_left_s left: no more gathers into these slabs
+    clock.now = res.deadline - 0.5  # less than COPY_MARGIN_S left: no more gathers into these slabs
     saver.after_layer(1)
     saver.after_layer(2)
     assert saver.done()

@@ -1,16 +1,18 @@
 """LMCRadixCache in MP mode (a real daemon) and IP mode (a real IPStore): multi-turn
-byte-exact reloads through the toy model, partial hits, failures in init_load_back,
-lock discipline of stores, mode by config file, TP key separation and the TP hook."""
+byte-exact reloads through the test KV model (tests.kv_model), partial hits, failures in
+init_load_back, lock discipline of stores, mode by config file, TP key separation and the TP hook."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import pytest
 import torch
 
-from lmc_transfer.config import ConfigError, load_config
-from lmc_transfer.demo.toy_engine import PhaseStats, ToyEngine, ToyModel, Workload
+from lmc_transfer.config import ConfigError, Mode, load_config
 from lmc_transfer.store.ip import IPStore
 from lmc_transfer.transfer.layerwise import LayerwiseStore
 from lmc_transfer.store.mp_client import MPStore
@@ -26,6 +28,7 @@ from tests.conftest_mp import (  # noqa: F401  (fixtures)
     workdir,
     write_config,
 )
+from tests.kv_model import expected_kv, pool_kv, write_kv
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,14 +41,10 @@ def new_cache(cfg, seed: int, **kwargs) -> LMCRadixCache:
     return LMCRadixCache(allocator, config=cfg, model_id=MODEL, **kwargs)
 
 
-def engine(cache: LMCRadixCache) -> ToyEngine:
-    return ToyEngine(cache, ToyModel(cache.kv_buffers))
-
-
 def compute_and_finish(cache: LMCRadixCache, tokens: list[int], rid: str = "w") -> None:
     """A request that computes all of ``tokens`` from scratch and finishes (stores them)."""
     slots = cache.token_to_kv_pool_allocator.alloc(len(tokens))
-    ToyModel(cache.kv_buffers).forward(tokens, 0, slots)
+    write_kv(cache.kv_buffers, tokens, 0, slots)
     req = Req(rid, tokens, req_to_token=slots, last_node=cache.root_node)
     cache.cache_finished_req(req)
 
@@ -53,6 +52,77 @@ def compute_and_finish(cache: LMCRadixCache, tokens: list[int], rid: str = "w") 
 def tokens(seed: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 32000, (n,), generator=g).tolist()
+
+
+def holds_kv_of(cache: LMCRadixCache, tokens: list[int], slots: torch.Tensor) -> bool:
+    """Whether ``slots`` hold exactly the KV of the first ``len(slots)`` of ``tokens``."""
+    return torch.equal(pool_kv(cache.kv_buffers, slots), expected_kv(tokens[: slots.numel()]))
+
+
+@dataclass
+class Served:
+    """What the cache gave a request back: from the device tree or the host cache, and of that from the host."""
+
+    reused: int
+    loaded: int
+
+
+def serve(cache: LMCRadixCache, rid: str, prompt: list[int], output: list[int]) -> Served:
+    """One request the way SGLang's scheduler drives the cache (match, MP load-back, compute
+    the rest, cache the finished request); the prefix it got back must be byte-exact."""
+    req = Req(rid, list(prompt))
+    loaded_before = cache.load_back_stats.loaded_tokens
+    # The last prompt token is always computed: it yields the first output's logits.
+    match = cache.match_prefix(prompt[:-1], req=req)
+    prefix, node = match.device_indices, match.last_device_node
+    if match.host_hit_length > 0:
+        loaded, node = cache.init_load_back(node, match.host_hit_length, req)
+        prefix = torch.cat([prefix, loaded])
+    cache.finish_loads()
+    assert holds_kv_of(cache, prompt, prefix)
+    cache.inc_lock_ref(node)
+    req.last_node, req.prefix_indices, req.cache_protected_len = node, prefix, prefix.numel()
+    history = list(prompt) + list(output)  # KV for all but the last output (not fed back yet)
+    need = len(history) - 1 - prefix.numel()
+    allocator = cache.token_to_kv_pool_allocator
+    if need > allocator.available_size():
+        cache.evict(need - allocator.available_size())
+    slots = allocator.alloc(need)
+    write_kv(cache.kv_buffers, history[:-1], prefix.numel(), slots)
+    req.output_ids, req.req_to_token = list(output), torch.cat([prefix, slots])
+    cache.cache_finished_req(req)
+    return Served(prefix.numel(), cache.load_back_stats.loaded_tokens - loaded_before)
+
+
+class Chats:
+    """Conversations that share a system prompt; each turn adds a user prompt and an output."""
+
+    def __init__(self, conversations: int, system_tokens: int, user_tokens: int, output_tokens: int, seed: int) -> None:
+        self._seeds = itertools.count(1000 * seed)
+        system = tokens(next(self._seeds), system_tokens)
+        self.histories = [list(system) for _ in range(conversations)]
+        self.user_tokens, self.output_tokens = user_tokens, output_tokens
+
+    def turns(self) -> Iterator[tuple[int, list[int], list[int]]]:
+        """One turn of every conversation: (conversation, prompt, output); histories grow."""
+        for c, history in enumerate(self.histories):
+            prompt = history + tokens(next(self._seeds), self.user_tokens)
+            output = tokens(next(self._seeds), self.output_tokens)
+            self.histories[c] = prompt + output
+            yield c, prompt, output
+
+
+def serve_turn(cache: LMCRadixCache, chats: Chats, name: str) -> tuple[Served, list[int], list[int]]:
+    """Serve one turn of every conversation: (what came back in all, history and prompt lengths before)."""
+    total = Served(0, 0)
+    before = [len(h) for h in chats.histories]
+    prompts = []
+    for c, prompt, output in chats.turns():
+        prompts.append(len(prompt))
+        served = serve(cache, f"{name}-{c}", prompt, output)
+        total.reused += served.reused
+        total.loaded += served.loaded
+    return total, before, prompts
 
 
 def pool_counts(cache: LMCRadixCache, daemon=None) -> tuple[int, int]:
@@ -81,25 +151,18 @@ def expected_reuse(history_len: int, prompt_len: int) -> int:
 def test_multi_turn_with_evictions_and_restart_is_byte_exact(mode, workdir, daemons):
     cfg, daemon = setup(mode, workdir, daemons)
     cache = new_cache(cfg, seed=1)
-    eng = engine(cache)
-    work = Workload(conversations=2, system_tokens=40, user_tokens=20, output_tokens=9, seed=3)
+    chats = Chats(conversations=2, system_tokens=40, user_tokens=20, output_tokens=9, seed=3)
     for turn in range(3):
-        stats = PhaseStats()
-        before = [len(c.history) for c in work.conversations]
-        prompts = []
-        for conv, prompt, output in work.turns():
-            prompts.append(len(prompt))
-            eng.serve(f"{turn}-{conv.cid}", prompt, output, stats)
-        eng.flush_device_tree()
-        assert stats.mismatched_tokens == 0
+        got, before, prompts = serve_turn(cache, chats, str(turn))
+        cache.evict(NUM_SLOTS)  # what memory pressure between turns would do
         if turn == 0:
             # the second conversation shares the 40-token system prompt on the device
-            assert (stats.reused_tokens, stats.loaded_tokens) == (40, 0)
+            assert (got.reused, got.loaded) == (40, 0)
         else:
-            want = sum(expected_reuse(h, p) for h, p in zip(before, prompts))
+            want = sum(expected_reuse(h, p) for h, p in zip(before, prompts, strict=True))
             # the second conversation finds the system prompt on the device, loaded by the first
-            assert stats.reused_tokens == want > 0
-            assert stats.loaded_tokens == want - 40
+            assert got.reused == want > 0
+            assert got.loaded == want - 40
         assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS
     keep = cache.store if mode == "ip" else None
     if keep is None:
@@ -109,17 +172,10 @@ def test_multi_turn_with_evictions_and_restart_is_byte_exact(mode, workdir, daem
 
     # engine restart: new (differently filled) buffers, allocator and cache
     cache = new_cache(cfg, seed=2, store=keep)
-    eng = engine(cache)
-    stats = PhaseStats()
-    before = [len(c.history) for c in work.conversations]
-    prompts = []
-    for conv, prompt, output in work.turns():
-        prompts.append(len(prompt))
-        eng.serve(f"r-{conv.cid}", prompt, output, stats)
-    assert stats.mismatched_tokens == 0
-    want = sum(expected_reuse(h, p) for h, p in zip(before, prompts))
-    assert stats.reused_tokens == want > 0 and stats.loaded_tokens == want - 40
-    eng.flush_device_tree()
+    got, before, prompts = serve_turn(cache, chats, "r")
+    want = sum(expected_reuse(h, p) for h, p in zip(before, prompts, strict=True))
+    assert got.reused == want > 0 and got.loaded == want - 40
+    cache.evict(NUM_SLOTS)
     assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS
     assert cache.protected_size() == 0 and cache.in_flight_stores() == 0
     assert pool_counts(cache, daemon) == (0, 0)
@@ -136,7 +192,6 @@ def test_mp_partial_hit_loads_only_past_the_device_prefix(workdir, daemons):
     # the device keeps 21 tokens (one chunk and 5): the first host chunk overlaps it
     compute_and_finish(cache, base[:21], rid="short")
     device_slots = cache.match_prefix(base[:21]).device_indices
-    device_rows = ToyModel(cache.kv_buffers)
     before = all_rows(cache)
 
     # a prompt sharing two chunks and 3 tokens with ``base``, then diverging
@@ -149,7 +204,7 @@ def test_mp_partial_hit_loads_only_past_the_device_prefix(workdir, daemons):
     loaded, node = cache.init_load_back(res.last_device_node, res.host_hit_length, req)
     assert loaded.numel() == 2 * CHUNK - 21
     prefix = torch.cat([res.device_indices, loaded])
-    assert device_rows.mismatched_tokens(prompt, prefix) == 0
+    assert holds_kv_of(cache, prompt, prefix)
     # only the new slots were written: the overlapping rows of the first chunk were skipped
     untouched = torch.ones(NUM_SLOTS, dtype=torch.bool)
     untouched[loaded] = False
@@ -200,7 +255,7 @@ def test_mp_daemon_killed_between_match_and_load(workdir, daemons):
     # the still-mapped segment gives either whole verified chunks or nothing
     n = loaded.numel()
     assert n % CHUNK == 0 and n <= res.host_hit_length
-    assert ToyModel(cache.kv_buffers).mismatched_tokens(prompt, loaded) == 0
+    assert holds_kv_of(cache, prompt, loaded)
     assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS - n
     assert cache.total_size() == n
 
@@ -282,7 +337,7 @@ def test_mode_is_chosen_by_the_config_file_only(workdir, daemons):
         cache = new_cache(cfg, seed=8)
         assert cache.mode is mode and type(cache.store) is store_type
         cache.release_host_resources()
-    assert LMCacheMode.from_config(load_config(cfg_ip)) is LMCacheMode.IP
+    assert LMCacheMode is Mode and load_config(cfg_ip).mode is LMCacheMode.IP  # SGLang's name for the config's enum
     missing = workdir / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml"):
         new_cache(missing, seed=8)
@@ -303,7 +358,7 @@ def test_tp_ranks_never_share_keys(workdir, daemons):
         res = c.match_prefix(prompt, req=req)
         loaded, _ = c.init_load_back(res.last_device_node, res.host_hit_length, req)
         assert loaded.numel() == 3 * CHUNK
-        assert ToyModel(c.kv_buffers).mismatched_tokens(prompt, loaded) == 0
+        assert holds_kv_of(c, prompt, loaded)
         c.release_host_resources()
 
 
@@ -352,7 +407,7 @@ def test_tp_min_reduce_hook_limits_the_prefix(mode, workdir, daemons):
         prefix = res.device_indices
     assert calls == [3 * CHUNK, CHUNK]  # after the lookup, then after the load
     assert prefix.numel() == CHUNK
-    assert ToyModel(cache.kv_buffers).mismatched_tokens(prompt, prefix) == 0
+    assert holds_kv_of(cache, prompt, prefix)
     assert cache.token_to_kv_pool_allocator.available_size() == NUM_SLOTS - CHUNK
     assert pool_counts(cache, daemon) == (0, 0)
     cache.release_host_resources()

@@ -319,26 +319,6 @@ def test_bad_slots_abort_the_save_at_once_and_are_named(workdir, daemons):
         store.close()
 
 
-@pytest.mark.parametrize("slots, error, message", [
-    (torch.arange(2 * CHUNK, dtype=torch.int32), TypeError, "slots must be a 1-D int64 tensor, got torch.int32 tensor"),
-    (torch.arange(2 * CHUNK - 1), ValueError, f"slots must hold {2 * CHUNK} slot indices, got {2 * CHUNK - 1}"),
-    (torch.arange(2 * CHUNK).view(2, CHUNK), TypeError, "slots must be a 1-D int64 tensor"),
-])
-def test_a_save_with_unusable_slots_aborts_before_it_raises(workdir, daemons, slots, error, message):
-    d = start_daemon(daemons, write_config(workdir))
-    store = MPStore(d.config, make_buffers(62))
-    try:
-        keys = prompt_keys(store.buffers, tokens_for(62, 2))
-        res = store.reserve(keys)
-        assert res.num_chunks == 2 and d.stats()["pool"]["reservations"] == 1
-        with pytest.raises(error, match=message):
-            store.save(res, slots)
-        assert d.stats()["pool"]["reservations"] == 0  # not "being written" until the TTL
-        assert store.save(store.reserve(keys), torch.arange(2 * CHUNK)) == 2
-    finally:
-        store.close()
-
-
 def test_calls_after_close_raise_a_clear_error(workdir, daemons):
     d = start_daemon(daemons, write_config(workdir))
     store = MPStore(d.config, make_buffers(63))

@@ -186,7 +186,7 @@ def test_stalled_writer_resuming_after_expiry_tears_no_committed_chunk() -> None
     assert victim.num_chunks == 8
     rng = np.random.default_rng(5)
     expected = {}
-    for key, slab_id in zip(victim_keys, victim.slab_ids):
+    for key, slab_id in zip(victim_keys, victim.slab_ids, strict=True):
         expected[key] = rng.integers(0, 256, SLAB, dtype=np.uint8)
         pool.slab(slab_id)[:] = expected[key]
     assert pool.commit(victim.reservation_id) == 8
@@ -195,7 +195,7 @@ def test_stalled_writer_resuming_after_expiry_tears_no_committed_chunk() -> None
     assert pool.commit(stalled.reservation_id) == 0
     lease = pool.lookup(victim_keys, 5.0)
     assert lease.num_chunks == 8
-    wrong = [key for key, slab_id in zip(victim_keys, lease.slab_ids) if not np.array_equal(pool.slab(slab_id), expected[key])]
+    wrong = [key for key, slab_id in zip(victim_keys, lease.slab_ids, strict=True) if not np.array_equal(pool.slab(slab_id), expected[key])]
     assert wrong == []
 
 

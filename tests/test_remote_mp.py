@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("redis")
-
-from lmc_transfer.tiers.format import geometry_digest  # noqa: E402
-from lmc_transfer.store.mp_client import MPStore  # noqa: E402
-from lmc_transfer.daemon.protocol import MsgType  # noqa: E402
-from tests.conftest_mp import (  # noqa: E402, F401  (fixtures)
+from lmc_transfer.tiers.format import geometry_digest
+from lmc_transfer.store.mp_client import MPStore
+from lmc_transfer.daemon.protocol import MsgType
+from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
     daemons,
     engine_load,
@@ -29,12 +27,10 @@ from tests.conftest_mp import (  # noqa: E402, F401  (fixtures)
     workdir,
     write_config,
 )
-from tests.test_remote_tier import REDIS_SERVER, RedisServer, server  # noqa: E402, F401  (fixture)
+# Imports the redis client the way test_remote_tier does (a skip without it, unless CI requires it).
+from tests.test_remote_tier import RedisServer, needs_redis_server, server  # noqa: F401  (fixture)
 
-pytestmark = [
-    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed (apt-get install redis-server)"),
-    pytest.mark.timeout(120),
-]
+pytestmark = [needs_redis_server, pytest.mark.timeout(120)]
 
 LOOKUP_TIMEOUT_S = 0.3  # write_config's lookup_timeout_ms
 REMOTE_TIMEOUT_MS = 100

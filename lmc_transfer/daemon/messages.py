@@ -237,6 +237,7 @@ class ReservationReply(Body):
     chunk_indices: tuple[int, ...] = _f(_u64s, list)
     slab_ids: tuple[int, ...] = _f(_u64s, list)
     generations: tuple[int, ...] = _f(_u64s, list)
+    no_room: int = _int()  # keys the pool had no slab for (counted as dropped, not dedup)
     ttl_s: float = _f(_number)
 
 

@@ -527,8 +527,8 @@ class CacheDaemon:
         state = self._require_pool(message)
         res = state.pool.reserve(list(message.keys), self.config.lease_ttl_s)
         self.counters.reserved_chunks += res.num_chunks
-        return ReservationReply(res.reservation_id, res.chunk_indices, res.slab_ids, res.generations,
-                                self.config.lease_ttl_s)
+        return ReservationReply(reservation_id=res.reservation_id, chunk_indices=res.chunk_indices, slab_ids=res.slab_ids,
+                                generations=res.generations, no_room=res.no_room, ttl_s=self.config.lease_ttl_s)
 
     def _commit(self, message: CommitRequest) -> CommitReply:
         state = self._require_pool(message)

@@ -7,10 +7,16 @@ that must overlap the forward pass use ``lmc_transfer.transfer.layerwise``.
 
 With ``remote_url`` set, commits are written behind to the Redis remote tier and
 a lookup that misses fills the rest of its prefix from there (lmc_transfer.tiers.remote_sync).
+The fill runs on a thread of its own, as the MP daemon runs it on its promotion thread: a
+lookup waits for it at most ``remote_timeout_ms`` (a fill makes several round trips, each
+bounded by that timeout). A fill still running then goes on behind the lookup until its own
+time is up, and what it brings in is there for the next lookup. One fill runs at a time; a
+lookup that finds one running does not wait for the remote.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -21,7 +27,6 @@ import torch
 
 from lmc_transfer.tiers.format import SlabFormat, geometry_digest
 from lmc_transfer.kernels import Direction, KVBuffers
-from lmc_transfer.transfer.layerwise import chunk_slots, lease_slots
 from lmc_transfer.store.pool import SlabPool
 from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
 from lmc_transfer.store.base import (
@@ -31,7 +36,7 @@ from lmc_transfer.store.base import (
     Reservation,
     StoreStats,
 )
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots, chunk_slots, lease_slots
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 from lmc_transfer.config import LMCTransferConfig
@@ -67,6 +72,10 @@ class IPStore(CacheStore):
         data = torch.empty(num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=on_cuda).numpy()
         generations = np.zeros(num_slabs, dtype=np.uint64)
         self._remote: RemoteSync | None = None
+        self._filler: concurrent.futures.ThreadPoolExecutor | None = None
+        self._fill_job: concurrent.futures.Future[int] | None = None
+        self._fill_wait_s = config.remote_timeout_ms / 1000
+        self._fill_lock = threading.Lock()
         if config.remote_url is not None:
             slab_format = SlabFormat(geometry_digest(buffers.geometry, self.chunk_size), slab_bytes)
             self._remote = RemoteSync(
@@ -76,6 +85,7 @@ class IPStore(CacheStore):
                 timeout_s=config.remote_timeout_ms / 1000,
                 max_queue=config.remote_queue,
             )
+            self._filler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-remote-fill")
         self._pool: SlabPool | None = SlabPool(
             data, generations, slab_bytes, clock=clock, on_commit=self._remote.on_commit if self._remote is not None else None
         )
@@ -107,7 +117,7 @@ class IPStore(CacheStore):
         if self._remote is not None and n < len(lease.keys):
             first = lease
             try:
-                if self._remote.fill(pool, first.keys[n:], self._ttl_s):
+                if self._fill_from_remote(pool, first.keys[n:]):
                     lease = pool.lookup(keys, self._ttl_s)
             except BaseException:
                 pool.release(first.lease_id)
@@ -115,18 +125,29 @@ class IPStore(CacheStore):
             if lease is not first:
                 pool.release(first.lease_id)
         with self._stats_lock:
-            self._stats.lookups += 1
-            self._stats.hit_chunks += lease.num_chunks
-            self._stats.miss_chunks += len(lease.keys) - lease.num_chunks
+            self._stats.count_lookup(lease)
         return lease
 
+    def _fill_from_remote(self, pool: SlabPool, keys: Sequence[bytes]) -> bool:
+        """Whether the remote brought chunks of ``keys`` in within ``remote_timeout_ms`` (module docstring)."""
+        assert self._remote is not None and self._filler is not None
+        with self._fill_lock:
+            if self._fill_job is not None and not self._fill_job.done():
+                return False
+            job = self._filler.submit(self._remote.fill, pool, keys, self._ttl_s)
+            self._fill_job = job
+        try:
+            return job.result(timeout=self._fill_wait_s) > 0
+        except concurrent.futures.TimeoutError:
+            return False
+
     def load(self, lease: Lease, slots: torch.Tensor, layers: range | None = None) -> LoadResult:
+        slots = lease_slots(lease, slots, self.chunk_size, self.buffers.device)
         if lease.num_chunks == 0:
             return LoadResult(0, 0)
-        slots = lease_slots(lease, slots, self.chunk_size)
         pool = self.pool
-        # An expired lease may already have lost its slabs: not worth a copy.
-        intact = pool.verify(lease.slab_ids, lease.generations) if self._clock() < lease.deadline else 0
+        # A lease about to expire may lose its slabs while the copy runs: not worth a copy.
+        intact = pool.verify(lease.slab_ids, lease.generations) if self.has_time_for_copy(lease.deadline) else 0
         if intact:
             slabs = self.slab_views(lease.slab_ids[:intact])
             prepared = self._copy(Direction.SCATTER, slots[: intact * self.chunk_size], slabs, layers)
@@ -135,8 +156,7 @@ class IPStore(CacheStore):
             intact = pool.verify(lease.slab_ids[:intact], lease.generations[:intact])
         num_layers = self.buffers.num_layers if layers is None else len(layers)
         with self._stats_lock:
-            self._stats.generation_misses += lease.num_chunks - intact
-            self._stats.loaded_bytes += intact * num_layers * self.buffers.geometry.layer_bytes(self.chunk_size)
+            self._stats.count_load(lease, intact, num_layers * self.buffers.geometry.layer_bytes(self.chunk_size))
         return LoadResult(chunks_loaded=intact, tokens_loaded=intact * self.chunk_size)
 
     def release(self, lease: Lease) -> None:
@@ -149,30 +169,25 @@ class IPStore(CacheStore):
     # -- stores --------------------------------------------------------------
 
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
-        pool = self.pool
-        res = pool.reserve(keys, self._ttl_s)
-        reserved = set(res.chunk_indices)
-        skipped = [key for i, key in enumerate(res.keys) if i not in reserved]
-        dedup = sum(1 for key in skipped if pool.contains(key))
+        res = self.pool.reserve(keys, self._ttl_s)
         with self._stats_lock:
-            self._stats.dedup_chunks += dedup
-            self._stats.dropped_chunks += len(skipped) - dedup
+            self._stats.count_reserve(res)
         return res
 
     def save(self, reservation: Reservation, slots: torch.Tensor) -> int:
+        with self._aborting_on_error(reservation):
+            selected = chunk_slots(reservation, slots, self.chunk_size, self.buffers.device)
         if reservation.num_chunks == 0:
             return 0
-        if self._clock() >= reservation.deadline:
-            # Its slabs may already belong to another writer: never copy into them.
+        if not self.has_time_for_copy(reservation.deadline):
+            # Its slabs may go to another writer while the copy lands: never copy into them.
             self.abort(reservation)
+            with self._stats_lock:
+                self._stats.count_commit(reservation, 0, self.pool.slab_bytes)
             return 0
-        try:
-            selected = chunk_slots(reservation, slots, self.chunk_size)
+        with self._aborting_on_error(reservation):
             self._copy(Direction.GATHER, selected, self.slab_views(reservation.slab_ids), None)
             check_saved_slots(selected, self.buffers.num_slots)
-        except BaseException:
-            self.abort(reservation)
-            raise
         return self.commit(reservation)
 
     def abort(self, reservation: Reservation) -> None:
@@ -184,12 +199,15 @@ class IPStore(CacheStore):
             return 0
         committed = self.pool.commit(reservation.reservation_id)
         with self._stats_lock:
-            self._stats.stored_chunks += committed
-            self._stats.stored_bytes += committed * self.pool.slab_bytes
+            self._stats.count_commit(reservation, committed, self.pool.slab_bytes)
         return committed
 
     def clock(self) -> float:
         return self._clock()
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return self._ttl_s
 
     def slab_views(self, slab_ids: Sequence[int]) -> list[torch.Tensor]:
         pool = self.pool
@@ -218,6 +236,8 @@ class IPStore(CacheStore):
         return self._remote.flush(timeout_s) if self._remote is not None else True
 
     def close(self) -> None:
+        if self._filler is not None:
+            self._filler.shutdown(wait=True)  # a fill in flight ends within its own timeout
         if self._remote is not None:
             self._remote.close()
         with self._copy_lock:

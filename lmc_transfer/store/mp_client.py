@@ -89,15 +89,13 @@ from lmc_transfer.store.base import (
     Reservation,
     StoreStats,
 )
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots, chunk_slots, lease_slots
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
-#: A load or store starts only with this much lease time left (capped at a quarter of the TTL).
-_MIN_TIME_LEFT_S = 1.0
 
 
 class DaemonUnavailable(ConnectionError):
@@ -480,8 +478,11 @@ class MPStore(CacheStore):
         ms = self.config.lookup_timeout_ms if msg_type is MsgType.LOOKUP else self.config.request_timeout_ms
         return time.monotonic() + ms / 1000
 
-    def _time_left_ok(self, deadline: float, session: _Session) -> bool:
-        return deadline - time.monotonic() >= min(_MIN_TIME_LEFT_S, session.lease_ttl_s / 4)
+    @property
+    def lease_ttl_s(self) -> float:
+        """The daemon's lease TTL (its HELLO reply), the config's before the first session."""
+        session = self._session
+        return session.lease_ttl_s if session is not None else self.config.lease_ttl_s
 
     # -- loads ---------------------------------------------------------------
 
@@ -490,9 +491,9 @@ class MPStore(CacheStore):
         with self._lock:
             self._check_open()
             start = time.monotonic()
-            self._stats.lookups += 1
             empty = Lease(lease_id=0, keys=keys, slab_ids=(), generations=(), deadline=start)
             if not keys:
+                self._stats.count_lookup(empty)
                 return empty
             try:
                 session, reply = self._call(lambda epoch: LookupRequest(epoch, keys), self._deadline(MsgType.LOOKUP))
@@ -501,34 +502,33 @@ class MPStore(CacheStore):
                 if len(gens) != len(slab_ids):
                     raise DaemonError(ErrorCode.BAD_REQUEST, "LOOKUP reply: slab_ids and generations differ in length")
             except (DaemonUnavailable, DaemonError):  # logged when the link changes (_call)
-                self._stats.miss_chunks += len(keys)
+                self._stats.count_lookup(empty)
                 return empty
-            self._stats.hit_chunks += len(slab_ids)
-            self._stats.miss_chunks += len(keys) - len(slab_ids)
-            if not slab_ids:
-                return empty
-            local_id = next(self._local_ids)
-            self._leases[local_id] = _Handle(session.epoch, reply.lease_id)
-            return Lease(local_id, keys, slab_ids, gens, start + session.lease_ttl_s)
+            lease = empty
+            if slab_ids:
+                local_id = next(self._local_ids)
+                self._leases[local_id] = _Handle(session.epoch, reply.lease_id)
+                lease = Lease(local_id, keys, slab_ids, gens, start + session.lease_ttl_s)
+            self._stats.count_lookup(lease)
+            return lease
 
     def load(self, lease: Lease, slots: torch.Tensor, layers: range | None = None) -> LoadResult:
+        slots = lease_slots(lease, slots, self.chunk_size, self.buffers.device)
         n = lease.num_chunks
         if n == 0:
             return LoadResult(0, 0)
-        self._check_slots(slots, n * self.chunk_size, "slots")
+        layer_count = self.buffers.num_layers if layers is None else len(layers)
+        bytes_per_chunk = layer_count * self.buffers.geometry.layer_bytes(self.chunk_size)
         with self._lock:
             session = self._session_for(self._leases.get(lease.lease_id))
-            if session is None or not self._time_left_ok(lease.deadline, session):
-                self._stats.generation_misses += n
-                return LoadResult(0, 0)
-            slabs = [session.segment.slab(s) for s in lease.slab_ids]
-            prepared = self._copy_scatter(slots, slabs, layers)
-            if prepared.plan.error_flag.is_set():
-                check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
-            ok = self._verify_in(session, lease.slab_ids, lease.generations)
-            self._stats.generation_misses += n - ok
-            layer_count = self.buffers.num_layers if layers is None else len(layers)
-            self._stats.loaded_bytes += ok * layer_count * self.buffers.geometry.layer_bytes(self.chunk_size)
+            ok = 0
+            if session is not None and self.has_time_for_copy(lease.deadline):
+                slabs = [session.segment.slab(s) for s in lease.slab_ids]
+                prepared = self._copy_scatter(slots, slabs, layers)
+                if prepared.plan.error_flag.is_set():
+                    check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
+                ok = self._verify_in(session, lease.slab_ids, lease.generations)
+            self._stats.count_load(lease, ok, bytes_per_chunk)
             return LoadResult(ok, ok * self.chunk_size)
 
     def release(self, lease: Lease) -> None:
@@ -565,40 +565,34 @@ class MPStore(CacheStore):
                 gens = reply.generations
                 if not len(indices) == len(slab_ids) == len(gens) or list(indices) != sorted(set(indices)):
                     raise DaemonError(ErrorCode.BAD_REQUEST, "RESERVE reply: inconsistent chunk_indices/slab_ids/generations")
+                no_room = reply.no_room
+                if not 0 <= no_room <= len(keys) - len(slab_ids):
+                    raise DaemonError(ErrorCode.BAD_REQUEST, f"RESERVE reply: no_room must be in [0, {len(keys) - len(slab_ids)}], got {no_room}")
             except (DaemonUnavailable, DaemonError):  # logged when the link changes (_call)
                 self._stats.dropped_chunks += len(keys)
                 return empty
-            # Keys not handed out are cached already, being written, or past a full pool.
-            self._stats.dedup_chunks += len(keys) - len(slab_ids)
-            if not slab_ids:
-                return empty
-            local_id = next(self._local_ids)
-            self._reservations[local_id] = _Handle(session.epoch, reply.reservation_id)
-            return Reservation(local_id, keys, indices, slab_ids, gens, start + session.lease_ttl_s)
+            res = dataclasses.replace(empty, no_room=no_room)
+            if slab_ids:
+                local_id = next(self._local_ids)
+                self._reservations[local_id] = _Handle(session.epoch, reply.reservation_id)
+                res = Reservation(local_id, keys, indices, slab_ids, gens, start + session.lease_ttl_s, no_room)
+            self._stats.count_reserve(res)
+            return res
 
     def save(self, reservation: Reservation, slots: torch.Tensor) -> int:
-        n = reservation.num_chunks
-        if n == 0:
+        with self._aborting_on_error(reservation):
+            selected = chunk_slots(reservation, slots, self.chunk_size, self.buffers.device)
+        if reservation.num_chunks == 0:
             return 0
-        cs = self.chunk_size
-        try:
-            self._check_slots(slots, len(reservation.keys) * cs, "slots")
-        except (TypeError, ValueError):
-            self.abort(reservation)  # first: the keys must not stay "being written" until the TTL
-            raise
         with self._lock:
             session = self._session_for(self._reservations.get(reservation.reservation_id))
-            if session is None or not self._time_left_ok(reservation.deadline, session):
+            if session is None or not self.has_time_for_copy(reservation.deadline):
                 self.abort(reservation)
-                self._stats.dropped_chunks += n
+                self._stats.count_commit(reservation, 0, self.slab_bytes)
                 return 0
-            chunk_slots = torch.cat([slots[i * cs : (i + 1) * cs] for i in reservation.chunk_indices])
-            try:
-                self._copy_gather(chunk_slots, [session.segment.slab(s) for s in reservation.slab_ids])
-                check_saved_slots(chunk_slots, self.buffers.num_slots)
-            except BaseException:
-                self.abort(reservation)  # never leave the keys "being written" until the TTL
-                raise
+            with self._aborting_on_error(reservation):
+                self._copy_gather(selected, [session.segment.slab(s) for s in reservation.slab_ids])
+                check_saved_slots(selected, self.buffers.num_slots)
             return self.commit(reservation)
 
     def commit(self, reservation: Reservation) -> int:
@@ -616,9 +610,7 @@ class MPStore(CacheStore):
                     committed = min(reply.committed, n)
                 except (DaemonUnavailable, DaemonError):
                     pass  # the store is dropped and counted (logged when the link changes)
-            self._stats.stored_chunks += committed
-            self._stats.stored_bytes += committed * self.slab_bytes
-            self._stats.dropped_chunks += n - committed
+            self._stats.count_commit(reservation, committed, self.slab_bytes)
             return committed
 
     def abort(self, reservation: Reservation) -> None:
@@ -693,15 +685,6 @@ class MPStore(CacheStore):
         current = session.segment.generations[np.asarray(slab_ids, dtype=np.int64)]
         same = current == np.asarray(generations, dtype=np.uint64)
         return len(slab_ids) if bool(same.all()) else int(np.argmin(same))
-
-    def _check_slots(self, slots: torch.Tensor, expected: int, name: str) -> None:
-        if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype != torch.int64:
-            got = f"{slots.dtype} tensor of shape {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
-            raise TypeError(f"{name} must be a 1-D int64 tensor, got {got}")
-        if slots.numel() != expected:
-            raise ValueError(f"{name} must hold {expected} slot indices, got {slots.numel()}")
-        if slots.device != self.buffers.device:
-            raise ValueError(f"{name} must be on the KV buffers' device {self.buffers.device}, got {slots.device}")
 
     # The one place the data path is chosen; both directions wait for the copy
     # to finish, because generations are checked (load) or the slabs are

@@ -215,7 +215,9 @@ class SlabPool:
 
         Stops at the first key it cannot get a slab for (the pool is full of pinned
         or reserved slabs): a gap would make later chunks unreachable by prefix
-        lookup. Committed keys of this same call are never evicted to make room.
+        lookup; the distinct keys from there on that are neither committed nor being
+        written are the reservation's ``no_room``. Committed keys of this same call are
+        never evicted to make room.
         """
         keys = check_keys(keys)
         ttl_s = _check_ttl(ttl_s)
@@ -226,18 +228,20 @@ class SlabPool:
             chunk_indices: list[int] = []
             slab_ids: list[int] = []
             taken: set[bytes] = set()
+            no_room = 0
             for i, key in enumerate(keys):
                 if key in self._index or key in self._writing or key in taken:
                     continue
                 slab_id = self._take_slab(protected)
                 if slab_id is None:
+                    no_room = len({k for k in keys[i:] if k not in self._index and k not in self._writing and k not in taken})
                     break
                 taken.add(key)
                 chunk_indices.append(i)
                 slab_ids.append(slab_id)
             deadline = now + ttl_s
             if not slab_ids:
-                return Reservation(0, keys, (), (), (), deadline)
+                return Reservation(0, keys, (), (), (), deadline, no_room)
             res_keys = tuple(keys[i] for i in chunk_indices)
             for key, slab_id in zip(res_keys, slab_ids):
                 self._state[slab_id] = _SlabState.WRITING
@@ -254,6 +258,7 @@ class SlabPool:
                 slab_ids=tuple(slab_ids),
                 generations=tuple(int(self._gens[s]) for s in slab_ids),
                 deadline=deadline,
+                no_room=no_room,
             )
 
     def commit(self, reservation_id: int) -> int:

@@ -27,37 +27,10 @@ import torch
 from lmc_transfer.kernels import Direction, SlotRangeError
 from lmc_transfer.kernels.stream_wait import StreamWaitError, stream_wait_supported, wait_counter
 from lmc_transfer.store.base import CacheStore, Lease, LoadResult, Reservation
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots, chunk_slots, lease_slots
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 
 log = logging.getLogger(__name__)
-
-
-def _check_slots(slots: torch.Tensor, needed: int, what: str) -> None:
-    if not isinstance(slots, torch.Tensor):
-        raise TypeError(f"slots: expected a torch.Tensor, got {type(slots).__name__}")
-    if slots.dim() != 1 or slots.numel() < needed:
-        raise ValueError(f"slots: expected a 1-D tensor of at least {needed} slot indices ({what}), got shape {tuple(slots.shape)}")
-
-
-def lease_slots(lease: Lease, slots: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """The slots a load of ``lease`` fills: the first ``num_chunks * chunk_size``."""
-    needed = lease.num_chunks * chunk_size
-    _check_slots(slots, needed, f"{lease.num_chunks} chunks of {chunk_size}")
-    return slots[:needed]
-
-
-def chunk_slots(reservation: Reservation, slots: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """The rows of ``slots`` (one per token of every key passed to reserve) that belong to
-    the reserved chunks, in reservation order: one transfer fills all reserved slabs."""
-    _check_slots(slots, len(reservation.keys) * chunk_size, f"{len(reservation.keys)} keys of {chunk_size}")
-    idx = reservation.chunk_indices
-    if not idx:
-        return slots[:0]
-    if idx[-1] - idx[0] + 1 == len(idx):  # one contiguous run: a view, no copy
-        return slots[idx[0] * chunk_size : (idx[-1] + 1) * chunk_size]
-    rows = torch.tensor(idx, dtype=torch.int64).unsqueeze(1) * chunk_size + torch.arange(chunk_size)
-    return slots[rows.reshape(-1).to(slots.device)]
 
 
 def _check_layer(layer: int, num_layers: int) -> None:
@@ -103,7 +76,7 @@ class LayerTransferCounter:
         """Queue the lease's chunks into ``slots`` layer by layer; returns at once on CUDA."""
         if self._lease is not None:
             raise RuntimeError("start_load: a load is already in flight; call finish() first")
-        slots = lease_slots(lease, slots, store.chunk_size)
+        slots = lease_slots(lease, slots, store.chunk_size, self._device)
         if store.chunk_size != self.transfer.chunk_size:
             raise ValueError(f"store: expected chunk_size {self.transfer.chunk_size} like the transfer, got {store.chunk_size}")
         # Chunks whose slabs already changed are not worth copying.
@@ -208,19 +181,14 @@ class LayerwiseStore:
         slots: torch.Tensor,
         *,
         stream: torch.cuda.Stream | None = None,
-        min_time_left_s: float = 1.0,
     ) -> None:
         if not isinstance(transfer, Transfer):
             raise TypeError(f"transfer: expected Transfer, got {type(transfer).__name__}")
         if store.chunk_size != transfer.chunk_size:
             raise ValueError(f"store: expected chunk_size {transfer.chunk_size} like the transfer, got {store.chunk_size}")
-        if not min_time_left_s >= 0:
-            raise ValueError(f"min_time_left_s: expected a number >= 0, got {min_time_left_s!r}")
         self.transfer = transfer
         self.store = store
         self.reservation = reservation
-        # The margin shrinks with a short TTL so such a store can still run (a quarter of it).
-        self._margin = min(min_time_left_s, max(0.0, reservation.deadline - store.clock()) / 4)
         self._expired = False
         self.num_layers = transfer.buffers.num_layers
         self._device = transfer.buffers.device
@@ -231,7 +199,7 @@ class LayerwiseStore:
         self._closed = False
         self._prepared: PreparedTransfer | None = None
         if reservation.num_chunks:
-            selected = chunk_slots(reservation, slots, store.chunk_size)
+            selected = chunk_slots(reservation, slots, store.chunk_size, self._device)
             self._prepared = transfer.prepare(selected, store.slab_views(reservation.slab_ids))
 
     def after_layer(self, layer: int) -> None:
@@ -241,7 +209,7 @@ class LayerwiseStore:
             raise RuntimeError("after_layer: this store already finished or aborted")
         if layer in self._gathered:
             raise ValueError(f"layer: {layer} was already stored")
-        if self._prepared is not None and self.store.clock() > self.reservation.deadline - self._margin:
+        if self._prepared is not None and not self.store.has_time_for_copy(self.reservation.deadline):
             # Past its deadline the reservation's slabs may go to another writer; a gather still
             # landing then would tear their bytes under a valid generation. Drop the store.
             self._expired = True

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.sglang.kv_model import DIM, HEADS, LAYERS, write_kv
+from lmc_transfer.kernels import KVBuffers
+from tests.kv_model import DIM, HEADS, LAYERS, write_kv
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -30,6 +31,11 @@ class KVPools:
     pool: Any  # MHATokenToKVPool
     allocator: Any  # TokenToKVPoolAllocator
     req_pool: Any  # ReqToTokenPool
+
+    @property
+    def buffers(self) -> KVBuffers:
+        """Our view of the KV pool: writes through it land in the pool."""
+        return KVBuffers.token_slot(list(self.pool.k_buffer), list(self.pool.v_buffer))
 
     def slots_accounted(self, tree_size: int) -> bool:
         """Idle engine: every slot is either free or owned by the tree."""
@@ -47,7 +53,7 @@ class KVPools:
         self.req_pool.alloc([req])
         row = torch.cat([prefix, new])
         self.req_pool.write((req.kv.req_pool_idx, slice(0, kv_len)), row.to(torch.int32))
-        write_kv(self.pool, tokens[:kv_len], prefix.numel(), new)
+        write_kv(self.buffers, tokens[:kv_len], prefix.numel(), new)
         req.kv.kv_allocated_len = req.kv.kv_committed_len = kv_len
         req.output_ids = array("q", output_ids)
 

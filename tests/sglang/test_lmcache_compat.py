@@ -46,7 +46,7 @@ with warnings.catch_warnings():
     from sglang.srt.sampling.sampling_params import SamplingParams
 
 from tests.conftest_mp import Daemon, write_config
-from tests.sglang.kv_model import LAYERS, expected_kv, pool_kv, prompt
+from tests.kv_model import LAYERS, expected_kv, pool_kv, prompt
 from tests.sglang import sgl_env
 from tests.sglang.sgl_env import make_pools, publish_runtime
 
@@ -145,7 +145,7 @@ class Engine(sgl_env.Engine):
         self.cache.inc_lock_ref(req.last_node)
         prefix = req.prefix_indices
         tokens = list(prompt_ids) + list(output_ids)
-        assert torch.equal(pool_kv(self.pools.pool, prefix), expected_kv(tokens[: prefix.numel()]))
+        assert torch.equal(pool_kv(self.pools.buffers, prefix), expected_kv(tokens[: prefix.numel()]))
 
         self.pools.compute_rest(self.cache, req, prefix, tokens, list(output_ids))
         release_kv_cache(req, self.cache, is_insert=True)
@@ -219,7 +219,7 @@ def test_mp_daemon_stopped_between_match_and_load_back(config_path, daemon, engi
     # The engine still maps the stopped daemon's segment: the promised chunks load intact.
     assert new_indices.numel() == 44
     prefix = torch.cat([req.prefix_indices, new_indices])
-    assert torch.equal(pool_kv(e.pools.pool, prefix), expected_kv(list(req.origin_input_ids)[:64]))
+    assert torch.equal(pool_kv(e.pools.buffers, prefix), expected_kv(list(req.origin_input_ids)[:64]))
     e.cache.lmcache_connector.end_session("s2")  # the request is not admitted further
     assert e.slots_accounted()
 

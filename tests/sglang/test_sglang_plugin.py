@@ -42,7 +42,7 @@ with warnings.catch_warnings():
     from lmc_transfer.integrations.sglang import plugin as sglang_plugin
 
 from tests.conftest_mp import REPO, start_daemon, write_config
-from tests.sglang.kv_model import expected_kv, pool_kv, prompt
+from tests.kv_model import expected_kv, pool_kv, prompt
 from tests.sglang import sgl_env
 from tests.sglang.sgl_env import make_pools, publish_runtime
 
@@ -94,7 +94,7 @@ class Engine(sgl_env.Engine):
         req.lock = self.cache.lock(req.last_node)
         prefix = self.cache.prefix_device_indices(req)
         tokens = list(req.origin_input_ids)
-        assert torch.equal(pool_kv(self.pools.pool, prefix), expected_kv(tokens[: req.prefix_len]))
+        assert torch.equal(pool_kv(self.pools.buffers, prefix), expected_kv(tokens[: req.prefix_len]))
         return Turn(device_len, host_hit, loaded, req.prefix_len)
 
     def finish(self, req: Req, output_ids: list[int]) -> None:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch.distributed as dist
 
-from tests.sglang.kv_model import prompt
+from tests.kv_model import prompt
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ this module in each of its processes through the ``sglang.srt.plugins`` entry po
 ``lmc_transfer = "lmc_transfer.integrations.sglang.plugin:register"``.
 
 ``LMCSGLangRadixCache`` subclasses SGLang's own ``RadixCache`` and adds the host
-cache with the rules of ``lmc_transfer.radix.policy`` (the same ones our
-``LMCRadixCache`` uses):
+cache of ``lmc_transfer.radix.host_cache`` with the rules of ``lmc_transfer.radix.policy``
+(the same ones our ``LMCRadixCache`` uses):
 
 - MP (``mode: mp``): ``match_prefix`` LOOKUPs past the device prefix and reports
   ``host_hit_length``; ``init_load_back`` loads and attaches the node. SGLang
@@ -46,8 +46,8 @@ import torch
 from lmc_transfer.config import LMCTransferConfig
 from lmc_transfer.integrations.sglang.importer import import_mem_cache
 from lmc_transfer.kernels import KVBuffers
+from lmc_transfer.radix.host_cache import HostCache, LMCacheMode
 from lmc_transfer.radix.policy import KeyNamespace, TpMinReduce
-from lmc_transfer.radix.lmc_radix_cache import LMCacheMode, LMCRadixCache, _LoadBackMarker
 from lmc_transfer.store.base import CacheStore
 
 log = logging.getLogger(__name__)
@@ -81,26 +81,8 @@ def kv_buffers_from_pool(kvcache: Any) -> KVBuffers:
     )
 
 
-class LMCSGLangRadixCache(_radix.RadixCache):
+class LMCSGLangRadixCache(HostCache, _radix.RadixCache):
     """SGLang's ``RadixCache`` with an lmc-transfer host cache (see module docstring)."""
-
-    # Tree-agnostic host-cache glue, shared with our own LMCRadixCache rather than
-    # copied: these functions only touch attributes both classes define.
-    _layerwise_loader = LMCRadixCache._layerwise_loader
-    _drop_torn = LMCRadixCache._drop_torn
-    _drop_torn_nodes = LMCRadixCache._drop_torn_nodes
-    _timed_load_back = LMCRadixCache._timed_load_back
-    _ip_load_back = LMCRadixCache._ip_load_back
-    _reap_stores = LMCRadixCache._reap_stores
-    _settle_before_evict = LMCRadixCache._settle_before_evict
-    _settle_all = LMCRadixCache._settle_all
-    _new_transfer = LMCRadixCache._new_transfer
-    _open_store = LMCRadixCache._open_store
-    finish_loads = LMCRadixCache.finish_loads
-    in_flight_stores = LMCRadixCache.in_flight_stores
-    release_request = LMCRadixCache.release_request
-    release_host_resources = LMCRadixCache.release_host_resources
-    _init_host_cache = LMCRadixCache._init_host_cache
 
     def __init__(
         self,
@@ -125,10 +107,6 @@ class LMCSGLangRadixCache(_radix.RadixCache):
                               tp_rank=tp_rank, tp_size=tp_size, cache_salt=None, tp_min_reduce=tp_min_reduce,
                               store=store)
 
-    @property
-    def mode(self) -> LMCacheMode:
-        return self._mode
-
     # ----- matching and loading -----
 
     def match_prefix(self, params: Any) -> Any:
@@ -145,13 +123,11 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         return self._ip_match_prefix(tokens, base, namespace)
 
     def _mp_match_prefix(self, tokens: list[int], base: Any, rid: str, namespace: KeyNamespace | None) -> Any:
-        self.release_request(rid)  # SGLang re-matches waiting requests every round
-        device_len = base.device_prefix_len
-        hit = self.policy.lookup(tokens, device_len, namespace)
+        # SGLang re-matches waiting requests every round: the new lease replaces the old one.
+        node = base.last_device_node
+        hit = self._mark_host_hit(rid, tokens, base.device_prefix_len, node, namespace)
         if hit is None:
             return base
-        node = base.last_device_node
-        self._mp_load_back_markers[rid] = _LoadBackMarker(tuple(tokens[: hit.end]), device_len, hit, node)
         return base._replace(
             last_host_node=node,
             best_match_node=node,
@@ -163,16 +139,11 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         """Load the host hit ``match_prefix`` found for ``params.req`` (MP); returns
         (tokens loaded, node the prefix ends at): all ``host_hit_length`` tokens or 0."""
         node = params.best_match_node
-        marker = self._mp_load_back_markers.pop(params.req.rid, None) if params.req is not None else None
-        if marker is None:
+        if params.req is None:
             return 0, node
-        if marker.last_node is not node:
-            self.store.release(marker.hit.lease)
-            raise ValueError(
-                f"request {params.req.rid}: best_match_node must be the node match_prefix returned "
-                f"({marker.last_node!r}), got {node!r}"
-            )
-        result = self._timed_load_back(marker.hit, node, marker.key, max_tokens=params.host_hit_length)
+        result = self._load_marked_hit(params.req.rid, node, params.host_hit_length, "best_match_node")
+        if result is None:
+            return 0, node
         if result.num_tokens < params.host_hit_length:
             if result.num_tokens:
                 log.info(
@@ -208,20 +179,7 @@ class LMCSGLangRadixCache(_radix.RadixCache):
         if n == 0:
             return
         tokens = list(req.full_untruncated_fill_ids[:n])
-        node = req.last_node
-        # The lock keeps the path's slots (a prefix of it is stored) until the store commits.
-        self.inc_lock_ref(node)
-        try:
-            writer = self.policy.start_store(tokens, slots[:n], self._store_transfer, self._store_stream,
-                                             namespace=KeyNamespace.of(req.extra_key, req.cache_salt))
-        except BaseException:
-            self.dec_lock_ref(node)
-            raise
-        if writer is None:
-            self.dec_lock_ref(node)
-            return
-        self._in_flight_stores.append((node, writer))
-        self._reap_stores(block=False)
+        self._store_path(tokens, slots[:n], req.last_node, KeyNamespace.of(req.extra_key, req.cache_salt))
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)

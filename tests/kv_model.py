@@ -1,21 +1,23 @@
-"""A deterministic stand-in for a model's forward pass over SGLang's real KV pool.
+"""A deterministic stand-in for a model's forward pass over a token_slot KV pool.
 
 The KV written for position ``i`` depends on every token up to ``i`` (as real
 attention KV does), so a prefix loaded back from the cache is byte-exact only if
 it came from the same token prefix. Geometry matches ``tests.conftest_mp`` (so
-its daemon config fits): float16, ``LAYERS`` layers, ``HEADS`` x ``DIM``.
+its daemon config fits): float16, ``LAYERS`` layers, ``HEADS`` x ``DIM``, seen
+through ``KVBuffers`` (our radix tests' buffers, or a view of SGLang's MHA pool).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
+from lmc_transfer.kernels import KVBuffers
 from tests.conftest_mp import CHUNK, DIM, HEADS, LAYERS
 
-__all__ = ["CHUNK", "DIM", "HEADS", "LAYERS", "expected_kv", "pool_kv", "write_kv", "prompt"]
+__all__ = ["CHUNK", "DIM", "HEADS", "LAYERS", "expected_kv", "pool_kv", "prompt", "write_kv"]
 
 
 def _position_seeds(tokens: Sequence[int]) -> list[int]:
@@ -35,24 +37,19 @@ def expected_kv(tokens: Sequence[int]) -> torch.Tensor:
     return out.view(len(tokens), LAYERS, 2, HEADS * DIM * 2)
 
 
-def write_kv(pool: Any, tokens: Sequence[int], start: int, slots: torch.Tensor) -> None:
-    """"Forward" positions ``start..len(tokens)`` into ``slots`` of an SGLang MHA pool."""
+def write_kv(buffers: KVBuffers, tokens: Sequence[int], start: int, slots: torch.Tensor) -> None:
+    """"Forward" positions ``start..len(tokens)`` into ``slots``."""
     kv = expected_kv(tokens)[start:]
     assert kv.shape[0] == slots.numel(), (kv.shape, slots.numel())
     for layer in range(LAYERS):
-        for plane, buffers in enumerate((pool.k_buffer, pool.v_buffer)):
-            rows = kv[:, layer, plane].contiguous().view(torch.float16).view(-1, HEADS, DIM)
-            buffers[layer][slots] = rows
+        for plane in range(2):
+            buffers.plane_rows(layer, plane)[slots] = kv[:, layer, plane]
 
 
-def pool_kv(pool: Any, slots: torch.Tensor) -> torch.Tensor:
-    """The pool's KV bytes at ``slots``, shaped like ``expected_kv``."""
-    row = HEADS * DIM * 2
-    planes = []
-    for layer in range(LAYERS):
-        for buffers in (pool.k_buffer, pool.v_buffer):
-            planes.append(buffers[layer][slots].contiguous().view(torch.uint8).view(len(slots), row))
-    return torch.stack(planes, dim=1).view(len(slots), LAYERS, 2, row)
+def pool_kv(buffers: KVBuffers, slots: torch.Tensor) -> torch.Tensor:
+    """The KV bytes at ``slots``, shaped like ``expected_kv``."""
+    planes = [buffers.plane_rows(layer, plane)[slots] for layer in range(LAYERS) for plane in range(2)]
+    return torch.stack(planes, dim=1).view(len(slots), LAYERS, 2, HEADS * DIM * 2)
 
 
 def prompt(seed: int, length: int) -> list[int]:
