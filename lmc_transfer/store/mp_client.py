@@ -57,8 +57,8 @@ from lmc_transfer.store.base import (
     Reservation,
     StoreStats,
 )
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
-from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.store_copies import StoreCopies
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
 #: A load or store starts only with this much lease time left (capped at a quarter of the TTL).
 _MIN_TIME_LEFT_S = 1.0
+#: How long ``close`` waits for queued saves' copies (their COMMITs get a request timeout more).
+_CLOSE_COPIES_S = 10.0
 
 
 class DaemonUnavailable(ConnectionError):
@@ -215,6 +217,7 @@ class MPStore(CacheStore):
             staging_bytes=config.staging_bytes,
             max_programs=config.max_programs,
         )
+        self._copies = StoreCopies(self._transfer, "mp-store")
         self._lock = threading.RLock()
         self._session: _Session | None = None
         self._segment: MappedSegment | None = None  # stays mapped across a failed session
@@ -339,10 +342,8 @@ class MPStore(CacheStore):
             if session is None or not self._time_left_ok(lease.deadline, session):
                 self._stats.generation_misses += n
                 return LoadResult(0, 0)
-            slabs = [session.segment.slab(s) for s in lease.slab_ids]
-            prepared = self._copy_scatter(slots, slabs, layers)
-            if prepared.plan.error_flag.is_set():
-                check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
+            # Returns once this copy has landed (its own event), so the generations are checked after it.
+            self._copies.load(slots, [session.segment.slab(s) for s in lease.slab_ids], layers)
             ok = self._verify_in(session, lease.slab_ids, lease.generations)
             self._stats.generation_misses += n - ok
             layer_count = self.buffers.num_layers if layers is None else len(layers)
@@ -409,12 +410,13 @@ class MPStore(CacheStore):
                 return 0
             chunk_slots = torch.cat([slots[i * cs : (i + 1) * cs] for i in reservation.chunk_indices])
             try:
-                self._copy_gather(chunk_slots, [session.segment.slab(s) for s in reservation.slab_ids])
-                check_saved_slots(chunk_slots, self.buffers.num_slots)
+                # On CUDA the commit follows on the completion thread once the gather has finished.
+                return self._copies.save(chunk_slots, [session.segment.slab(s) for s in reservation.slab_ids],
+                                         commit=lambda: self.commit(reservation),
+                                         abort=lambda: self.abort(reservation), queued=n)
             except BaseException:
                 self.abort(reservation)  # never leave the keys "being written" until the TTL
                 raise
-            return self.commit(reservation)
 
     def commit(self, reservation: Reservation) -> int:
         n = reservation.num_chunks
@@ -479,7 +481,13 @@ class MPStore(CacheStore):
             except (DaemonUnavailable, DaemonError) as exc:
                 log.warning("CLEAR not delivered: %s", exc)
 
+    def flush_stores(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every queued ``save`` has committed; True when none is left."""
+        return self._copies.drain(timeout_s)
+
     def close(self) -> None:
+        # Before taking the lock: the commits still queued take it.
+        self._copies.close(self.config.request_timeout_ms / 1000 + _CLOSE_COPIES_S)
         with self._lock:
             self._session = None
             if self._segment is not None:
@@ -511,15 +519,4 @@ class MPStore(CacheStore):
         if slots.device != self.buffers.device:
             raise ValueError(f"{name} must be on the KV buffers' device {self.buffers.device}, got {slots.device}")
 
-    # The one place the data path is chosen; both directions wait for the copy
-    # to finish, because generations are checked (load) or the slabs are
-    # published (save) right after.
-    def _copy_scatter(self, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None) -> PreparedTransfer:
-        prepared = self._transfer.scatter(slots, slabs, layers=layers)
-        self._transfer.synchronize()
-        return prepared
-
-    def _copy_gather(self, slots: torch.Tensor, slabs: list[torch.Tensor]) -> None:
-        self._transfer.gather(slots, slabs)
-        self._transfer.synchronize()
 

@@ -1,7 +1,8 @@
 """What runs once a queued copy has finished, without the caller waiting for the GPU.
 
-``SlotCheck``: whether every slot of a store is inside the buffers, computed on the GPU behind the
-copy and read back through pinned memory once its event completed (no device sync on the way).
+``SlotCheck``: whether every slot of a transfer is inside the buffers, computed on the GPU beside
+the copy and read back through pinned memory once its own event completed (no sync with the
+engine's streams, unlike reading the kernel's error flag with ``.item()``).
 
 ``CompletionThread``: runs a callback (a commit) after a CUDA event completes, on a thread of its
 own that sleeps in ``cudaEventSynchronize`` (blocking-sync events), in the order queued.
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from lmc_transfer.store.slots import check_saved_slots
+from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,34 @@ def blocking_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 
 class SlotCheck:
-    """Whether every slot of a store lies in ``[0, num_slots)``: a saved chunk must be whole (the
-    kernels skip bad slots, which would commit the slab's old bytes for those rows)."""
+    """Whether every slot of a transfer is usable: in ``[0, num_slots)`` for a store (a saved chunk
+    must be whole: the kernels skip bad slots, which would commit the slab's old bytes for those
+    rows), below ``num_slots`` for a load (``padding_ok``: negative slots are skipped on purpose).
 
-    def __init__(self, slots: torch.Tensor, num_slots: int, stream: torch.cuda.Stream | None = None) -> None:
-        self.slots, self.num_slots = slots, num_slots
+    Queued on ``stream`` (default: the current one) where the slots are on CUDA; computed at once
+    on CPU.
+    """
+
+    def __init__(self, slots: torch.Tensor, num_slots: int, *, padding_ok: bool,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        self.slots, self.num_slots, self.padding_ok = slots, num_slots, padding_ok
         self._event: torch.cuda.Event | None = None
         if slots.device.type != "cuda":
-            self._bad = torch.tensor([bool(((slots < 0) | (slots >= num_slots)).any())])
+            self._bad = self._compute()
             return
         stream = stream if stream is not None else torch.cuda.current_stream(slots.device)
         with torch.cuda.stream(stream):
-            bad = ((slots < 0) | (slots >= num_slots)).any().view(1)
+            bad = self._compute()
             self._bad = torch.empty(1, dtype=torch.bool, pin_memory=True)
             self._bad.copy_(bad, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record(stream)
+
+    def _compute(self) -> torch.Tensor:
+        bad = self.slots >= self.num_slots
+        if not self.padding_ok:
+            bad |= self.slots < 0
+        return bad.any().view(1)
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
@@ -56,7 +69,7 @@ class SlotCheck:
         if self._event is not None:
             self._event.synchronize()
         if bool(self._bad[0]):
-            check_saved_slots(self.slots, self.num_slots)
+            (check_loaded_slots if self.padding_ok else check_saved_slots)(self.slots, self.num_slots)
 
 
 class CompletionThread:

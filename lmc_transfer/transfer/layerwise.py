@@ -33,7 +33,6 @@ import torch
 from lmc_transfer.kernels import Direction, SlotRangeError
 from lmc_transfer.kernels.stream_wait import StreamWaitError, stream_wait_supported, wait_counter
 from lmc_transfer.store.base import CacheStore, Lease, LoadResult, Reservation
-from lmc_transfer.store.slots import check_loaded_slots
 from lmc_transfer.transfer.completion import SlotCheck
 from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
 from lmc_transfer.transfer.schedule import UnitOrder
@@ -95,6 +94,7 @@ class LayerTransferCounter:
         self._prepared: PreparedTransfer | None = None
         self._events: list[torch.cuda.Event] = []
         self._staged: StagedLoad | None = None
+        self._check: SlotCheck | None = None
         self._waited = -1
         self._signals = layer_signals and self._on_cuda and stream_wait_supported(self._device)
         self._layer_done: torch.Tensor | None = None  # per-layer counters of the signalled launch
@@ -126,6 +126,7 @@ class LayerTransferCounter:
         self._store, self._lease, self._prepared, self._waited = store, lease, prepared, -1
         if prepared is None:
             return
+        self._check = SlotCheck(prepared.plan.slots, self.transfer.buffers.num_slots, padding_ok=True)
         try:
             # A lease covers whole chunks, so the staged path carries all of it (no partial chunks).
             if self.transfer.layerwise_path(prepared) is TransferPath.STAGED:
@@ -170,7 +171,7 @@ class LayerTransferCounter:
 
     def _reset(self) -> None:
         self._store, self._lease, self._prepared, self._events, self._waited = None, None, None, [], -1
-        self._staged, self._layer_done, self._waiting_streams = None, None, set()
+        self._staged, self._check, self._layer_done, self._waiting_streams = None, None, None, set()
 
     def _current(self) -> torch.cuda.Stream | None:
         return torch.cuda.current_stream(self._device) if self._on_cuda else None
@@ -213,24 +214,26 @@ class LayerTransferCounter:
             current.wait_event(self._events[-1])
 
     def finish(self) -> LoadResult:
-        """Wait for the last layer (this load's own event), then report the prefix of chunks whose
-        slabs stayed intact; the current stream is ordered after every layer."""
+        """Report the prefix of chunks whose slabs stayed intact, once this load has read them all
+        (its own events: on the copy-engine path the last copy, not the forward pass queued since).
+        The current stream is ordered after every layer."""
         if self._lease is None or self._store is None:
             raise RuntimeError("finish: no load in flight; call start_load() first")
         if self._staged is not None and self._waited < self.num_layers - 1:
             self._place_staged(self.num_layers - 1, self._current())
-        store, lease, prepared, events, staged = self._store, self._lease, self._prepared, self._events, self._staged
+        store, lease, prepared, events = self._store, self._lease, self._prepared, self._events
+        staged, check = self._staged, self._check
         self._reset()
-        current = self._current()
-        if staged is not None and current is not None:
-            events = [torch.cuda.Event()]
-            events[0].record(current)
-        if events:
+        if staged is not None:
+            if staged.last_fill is not None:
+                staged.last_fill.synchronize()
+        elif events:
+            current = self._current()
             assert current is not None
             current.wait_event(events[-1])
             events[-1].synchronize()
-        if prepared is not None and prepared.plan.error_flag.is_set():
-            check_loaded_slots(prepared.plan.slots, self.transfer.buffers.num_slots)
+        if check is not None:
+            check.raise_if_bad()
         loaded = store.verify(lease) if prepared is not None else 0
         return LoadResult(chunks_loaded=loaded, tokens_loaded=loaded * store.chunk_size)
 
@@ -278,7 +281,7 @@ class LayerwiseStore:
         if reservation.num_chunks:
             selected = chunk_slots(reservation, slots, store.chunk_size)
             self._prepared = transfer.prepare(selected, store.slab_views(reservation.slab_ids))
-            self._slot_check = SlotCheck(self._prepared.plan.slots, transfer.buffers.num_slots)
+            self._slot_check = SlotCheck(self._prepared.plan.slots, transfer.buffers.num_slots, padding_ok=False)
             # Reserved chunks are whole, so the staged path carries all of them (no partial chunks).
             self._staged = transfer.layerwise_path(self._prepared) is TransferPath.STAGED
         if self._staged:

@@ -198,6 +198,8 @@ class StagedLoad:
         self._filled: dict[int, torch.cuda.Event | None] = {}
         self.next_fill = 0
         self.next_place = 0
+        #: After this event every copy queued so far has read its host slab (one copy stream).
+        self.last_fill: torch.cuda.Event | None = None
 
     @property
     def done(self) -> bool:
@@ -227,5 +229,5 @@ class StagedLoad:
     def _fill_up_to(self, stop: int) -> None:
         while self.next_fill < stop:
             unit = self.schedule.units[self.next_fill]
-            self._filled[unit.index] = self.area.fill(unit, self.slabs)
+            self._filled[unit.index] = self.last_fill = self.area.fill(unit, self.slabs)
             self.next_fill += 1
