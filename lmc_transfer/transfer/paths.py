@@ -133,17 +133,17 @@ class Transfer:
         return PreparedTransfer(plan=plan, full_chunks=range(first_full, first_full + full), head=head, tail=tail)
 
     def gather(self, slots: torch.Tensor, slabs: Sequence[torch.Tensor], *, token_offset: int = 0,
-               layers: range | None = None, stream: torch.cuda.Stream | None = None) -> PreparedTransfer:
-        """GPU slots -> host slabs (asynchronous on ``stream`` on CUDA)."""
+               layers: range | None = None) -> PreparedTransfer:
+        """GPU slots -> host slabs, queued on the current stream (at once on CPU)."""
         prepared = self.prepare(slots, slabs, token_offset=token_offset)
-        self.run(prepared, Direction.GATHER, layers=layers, stream=stream)
+        self.run(prepared, Direction.GATHER, layers=layers)
         return prepared
 
     def scatter(self, slots: torch.Tensor, slabs: Sequence[torch.Tensor], *, token_offset: int = 0,
-                layers: range | None = None, stream: torch.cuda.Stream | None = None) -> PreparedTransfer:
-        """Host slabs -> GPU slots (asynchronous on ``stream`` on CUDA)."""
+                layers: range | None = None) -> PreparedTransfer:
+        """Host slabs -> GPU slots, queued on the current stream (at once on CPU)."""
         prepared = self.prepare(slots, slabs, token_offset=token_offset)
-        self.run(prepared, Direction.SCATTER, layers=layers, stream=stream)
+        self.run(prepared, Direction.SCATTER, layers=layers)
         return prepared
 
     def run(self, prepared: PreparedTransfer, direction: Direction, *, layers: range | None = None,

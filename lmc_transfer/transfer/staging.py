@@ -107,6 +107,10 @@ class StagingArea:
                     stream.wait_event(event)  # type: ignore[arg-type]
 
     def _copy(self, unit: Unit, slabs: Sequence[torch.Tensor], to_staging: bool) -> None:
+        if self.copy_stream is not None and torch.cuda.current_device() != self.device.index:
+            # Driver calls go to the current context: make it the buffers' device's.
+            with torch.cuda.device(self.device):
+                return self._copy(unit, slabs, to_staging)
         base = self.buffer.data_ptr()
         for piece in unit.pieces:
             host = slabs[piece.chunk].data_ptr() + piece.slab_offset
