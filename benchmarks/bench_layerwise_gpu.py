@@ -146,9 +146,9 @@ def test_layerwise_load_alone(benchmark, tokens, variant):
     RESULTS.add(layerwise_load_alone=variant.name, tokens=tokens, layers=num_layers, GBps=gbps(nbytes, ms),
                 memcpy_GBps=gbps(nbytes, limit), pct_memcpy=100 * limit / ms,
                 cpu_us_start_and_waits=statistics.median(r[1] for r in runs))
+    benchmark.pedantic(load, rounds=3, iterations=1)
     store.release(lease)
     store.close()
-    benchmark.pedantic(load, rounds=3, iterations=1)
 
 
 @pytest.mark.parametrize("variant", LOAD_VARIANTS, ids=lambda v: v.name)
@@ -189,9 +189,9 @@ def test_layerwise_load_beside_forward(benchmark, tokens, page, variant):
                 alone_ms=load_ms, alone_pct_memcpy=100 * limit / load_ms, compute_ms=compute_ms,
                 together_ms=both_ms, hidden_pct=100 * min(1.0, (compute_ms + load_ms - both_ms) / load_ms),
                 over_bound_pct=100 * (both_ms / (compute_ms + layer_ms) - 1))
+    benchmark.pedantic(lambda: (overlapped(), torch.cuda.synchronize()), rounds=2, iterations=1)
     store.release(lease)
     store.close()
-    benchmark.pedantic(lambda: (overlapped(), torch.cuda.synchronize()), rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize("variant", STORE_VARIANTS, ids=lambda v: v.name)
@@ -245,5 +245,5 @@ def test_layerwise_store_behind_forward(benchmark, tokens, page, variant):
                 compute_slowdown_pct=100 * (compute_with_ms / compute_ms - 1),
                 done_after_forward_ms=total_ms - compute_with_ms, one_layer_ms=layer_ms,
                 over_bound_pct=100 * (total_ms / (compute_ms + layer_ms) - 1))
-    store.close()
     benchmark.pedantic(lambda: (overlapped(), torch.cuda.synchronize()), rounds=2, iterations=1)
+    store.close()
