@@ -51,6 +51,7 @@ def test_mp_lookup_load_and_store(benchmark, workdir, daemons, tokens):
         store.clear()
         reservation = store.reserve(keys)
         assert store.save(reservation, src) == len(keys)
+        assert store.flush_stores(30)  # the commit follows the copy on the completion thread
 
     def lookup_load():
         lease = store.lookup(keys)

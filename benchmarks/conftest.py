@@ -1,7 +1,3 @@
-import datetime
-import os
-import subprocess
-
 import pytest
 import torch
 
@@ -18,16 +14,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not RESULTS.rows:
-        return
-    commit = os.environ.get("LMC_BENCH_COMMIT")
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    header = (f"### {card}, {datetime.date.today().isoformat()}, commit {commit}, "
-              f"torch {torch.__version__}")
-    RESULTS.write(header)
-    print("\n" + header + "\n\n" + RESULTS.markdown())
+    if RESULTS.rows:
+        print("\n" + RESULTS.heading() + "\n\n" + RESULTS.markdown())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import statistics
+import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,14 +43,40 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / ms / 1e6
 
 
+def run_header() -> str:
+    """Card, date, commit and torch version of this run (the tables' heading)."""
+    commit = os.environ.get("LMC_BENCH_COMMIT")
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return f"### {card}, {datetime.date.today().isoformat()}, commit {commit}, torch {torch.__version__}"
+
+
 @dataclass
 class ResultTable:
-    """Rows collected during a benchmark session, written as markdown at the end."""
+    """Rows collected during a benchmark session, as markdown tables.
+
+    With LMC_BENCH_REPORT set, the file is rewritten after every row, so a run stopped at its
+    time limit still leaves every row measured so far.
+    """
 
     rows: list[dict[str, object]] = field(default_factory=list)
+    header: str | None = None
 
     def add(self, **row: object) -> None:
         self.rows.append(row)
+        path = os.environ.get("LMC_BENCH_REPORT")
+        if path:
+            with open(path, "w") as f:
+                f.write(self.heading() + "\n\n" + self.markdown() + "\n")
+
+    def heading(self) -> str:
+        if self.header is None:
+            self.header = run_header()
+        return self.header
 
     def markdown(self) -> str:
         if not self.rows:
@@ -65,12 +93,6 @@ class ResultTable:
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
         return "\n".join(out)
-
-    def write(self, header: str) -> None:
-        path = os.environ.get("LMC_BENCH_REPORT")
-        if path and self.rows:
-            with open(path, "a") as f:
-                f.write(header + "\n\n" + self.markdown() + "\n")
 
 
 RESULTS = ResultTable()

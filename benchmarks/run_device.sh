@@ -12,11 +12,13 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# Unset: the defaults below; set but empty: skip that step.
+# Unset: the defaults below; set but empty: skip that step. TESTS_TIMEOUT and BENCH_TIMEOUT bound
+# the two steps (seconds).
 TESTS=${TESTS-tests/test_kernels.py}
 BENCH=${BENCH-benchmarks/bench_transfer_gpu.py}
 if [ -n "$TESTS" ]; then
-  python3 -P -m pytest $TESTS -m gpu -q -p no:cacheprovider --import-mode=append 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "${TESTS_TIMEOUT:-300}" python3 -P -m pytest $TESTS -m gpu -q -p no:cacheprovider \
+    --import-mode=append 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 python3 -P -c "import sys; sys.path.append('.'); from benchmarks.profile_launch import main; main()" 2>&1 \
   | tee "$OUT/profile.log" | head -45

@@ -2,8 +2,7 @@
 ``run_copy(..., layer_done=...)``: the waiting stream stalls on the GPU, the CPU never blocks,
 and one launch can feed many waits (no event, and no kernel launch, per layer).
 
-The driver is reached through ctypes (torch has loaded and initialised it already). Every CUDA 12+
-driver supports 32-bit stream waits; ``stream_wait_supported`` still probes once per device and
+The driver is reached through ctypes (kernels/driver.py). Every CUDA 12+ driver supports 32-bit stream waits; ``stream_wait_supported`` still probes once per device and
 says False where the call fails, and LMC_TRANSFER_STREAM_WAIT=0 turns the waits off.
 
 The producer must be enqueued before the wait: CUDA does not see this dependency, and a wait
@@ -17,26 +16,17 @@ import os
 
 import torch
 
+from .driver import DriverError, function
+
 _WAIT_VALUE_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32_t)(*addr - value) >= 0
 _COUNTER_BYTES = 4
 
-_wait_fn = None
+_WAIT_ARGS = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
 _supported: dict[int, bool] = {}
 
 
-class StreamWaitError(RuntimeError):
+class StreamWaitError(DriverError):
     """The driver refused a stream wait."""
-
-
-def _driver_wait():
-    global _wait_fn
-    if _wait_fn is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        _wait_fn = fn
-    return _wait_fn
 
 
 def wait_counter(stream: torch.cuda.Stream, counters: torch.Tensor, index: int, value: int) -> None:
@@ -53,7 +43,8 @@ def wait_counter(stream: torch.cuda.Stream, counters: torch.Tensor, index: int, 
     if not 0 <= value < 2**31:
         raise ValueError(f"value: expected an int in [0, 2**31), got {value!r}")
     address = counters.data_ptr() + index * _COUNTER_BYTES
-    status = _driver_wait()(ctypes.c_void_p(stream.cuda_stream), address, value, _WAIT_VALUE_GEQ)
+    wait = function(("cuStreamWaitValue32_v2", "cuStreamWaitValue32"), _WAIT_ARGS)
+    status = wait(ctypes.c_void_p(stream.cuda_stream), address, value, _WAIT_VALUE_GEQ)
     if status != 0:
         raise StreamWaitError(f"cuStreamWaitValue32 on {counters.device} returned CUresult {status}")
 
@@ -70,6 +61,6 @@ def stream_wait_supported(device: torch.device) -> bool:
                 probe = torch.zeros(1, dtype=torch.int32, device=f"cuda:{index}")
                 wait_counter(torch.cuda.current_stream(index), probe, 0, 0)
             _supported[index] = True
-        except (OSError, AttributeError, StreamWaitError):
+        except (OSError, DriverError):
             _supported[index] = False
     return _supported[index]

@@ -186,7 +186,7 @@ class LMCTransferConfig:
     transfer_path: str = _f("auto", _transfer_path)
     staging_buffer_size: int = _f(64, _int(1, 1 << 16))  # MB
     max_programs: int | None = _f(None, _optional(_int(1, 1 << 16)))
-    layer_signals: bool = _f(False, _bool)  # layerwise loads: one launch + per-layer device counters
+    layer_signals: bool = _f(True, _bool)  # zero-copy layerwise loads: one launch + per-layer device counters
     allow_remote_tcp: bool = _f(False, _bool)
     # Remote tier (Redis/Valkey, lmc_transfer.tiers.remote); off unless remote_url is set.
     remote_url: str | None = _f(None, _optional(_remote_url), shown=_shown_url)  # may carry a password

@@ -50,12 +50,9 @@ def make_buffers(
 
 
 def clone_buffers(buffers: KVBuffers) -> KVBuffers:
-    planes = [[t.clone() for t in layer] for layer in buffers.planes]
-    if buffers.geometry.kind is LayoutKind.TOKEN_SLOT:
-        return KVBuffers.token_slot([p[0] for p in planes], [p[1] for p in planes])
-    if buffers.geometry.kind is LayoutKind.MLA:
-        return KVBuffers.mla([p[0] for p in planes])
-    return KVBuffers.paged_blocks([p[0] for p in planes], [p[1] for p in planes])
+    """The same layout over copies of every plane (any number of planes)."""
+    planes = tuple(tuple(t.clone() for t in layer) for layer in buffers.planes)
+    return KVBuffers(geometry=buffers.geometry, planes=planes, num_slots=buffers.num_slots)
 
 
 def random_slabs(count: int, nbytes: int, gen: torch.Generator, *, pin: bool = False) -> list[torch.Tensor]:

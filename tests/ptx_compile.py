@@ -26,7 +26,7 @@ VARIANTS = {
     for signal in (True, False)
     for block_w in (512, 4)
 }
-_INT64_TABLES = ("plane_off_ptr", "slots_ptr", "slab_off_ptr")
+_INT64_TABLES = ("plane_off_ptr", "plane_words_ptr", "slots_ptr", "slab_off_ptr")
 
 
 def compile_ptx(constants: dict[str, object]) -> str:

@@ -40,11 +40,11 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""))
     assert cfg == LMCTransferConfig()
     assert cfg.mode is Mode.IP and cfg.mp_port is None and cfg.max_programs is None
-    assert cfg.allow_remote_tcp is False and cfg.layer_signals is False
+    assert cfg.allow_remote_tcp is False and cfg.layer_signals is True
 
 
 def test_layer_signals_is_a_bool(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "layer_signals: true\n")).layer_signals is True
+    assert load_config(write(tmp_path, "layer_signals: false\n")).layer_signals is False
 
 
 def test_values_are_normalised(tmp_path: Path) -> None:

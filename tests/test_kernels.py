@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmc_transfer.kernels import (
+    FULL_WIDTH,
     Backend,
     Direction,
     KVBuffers,
@@ -21,6 +22,7 @@ from lmc_transfer.kernels import (
     run_copy,
     scatter,
 )
+from lmc_transfer.kernels.plan import tiling
 from lmc_transfer.transfer.paths import AutoRule, Transfer, TransferPath
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, clone_buffers, make_buffers, random_slabs
@@ -30,6 +32,16 @@ NUM_SLOTS = 64
 NUM_LAYERS = 3
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seed(kind: LayoutKind, dtype: torch.dtype) -> int:
+    """A seed per case that is the same in every process (unlike hash())."""
+    return 100 * LAYOUTS.index(kind) + DTYPES.index(dtype)
 
 
 def _slots(gen: torch.Generator, n: int, *, page_aligned: bool, device: str) -> torch.Tensor:
@@ -42,7 +54,7 @@ def _slots(gen: torch.Generator, n: int, *, page_aligned: bool, device: str) -> 
     return slots.to(device)
 
 
-def _mapped_rows(buffers: KVBuffers, slots: torch.Tensor, token_offset: int, layers: range):
+def _mapped_rows(buffers: KVBuffers, slots: torch.Tensor, token_offset: int, layers: range, slab_first_layer: int):
     """(slot, layer, plane, slab index, byte range in the slab) of every row a transfer maps,
     derived token by token from the layout contract (independently of kernels/reference.py)."""
     g = buffers.geometry
@@ -52,24 +64,24 @@ def _mapped_rows(buffers: KVBuffers, slots: torch.Tensor, token_offset: int, lay
         chunk, row = divmod(token_offset + i, CHUNK)
         for layer in layers:
             for plane, rb in enumerate(g.plane_row_bytes):
-                start = layer * g.layer_bytes(CHUNK) + g.plane_offset(plane, CHUNK) + row * rb
+                start = (layer - slab_first_layer) * g.layer_bytes(CHUNK) + g.plane_offset(plane, CHUNK) + row * rb
                 yield slot, layer, plane, chunk, slice(start, start + rb)
 
 
 def _oracle_gather(buffers: KVBuffers, slots: torch.Tensor, slabs: list[torch.Tensor], token_offset: int,
-                   layers: range) -> list[torch.Tensor]:
+                   layers: range, slab_first_layer: int = 0) -> list[torch.Tensor]:
     """Expected slabs after a gather."""
     out = [s.clone() for s in slabs]
-    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers):
+    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers, slab_first_layer):
         out[chunk][where] = buffers.plane_rows(layer, plane)[slot].cpu()
     return out
 
 
 def _oracle_scatter(buffers: KVBuffers, slots: torch.Tensor, slabs: list[torch.Tensor], token_offset: int,
-                    layers: range) -> list[torch.Tensor]:
+                    layers: range, slab_first_layer: int = 0) -> list[torch.Tensor]:
     """Expected plane bytes (buffer_bytes order) after a scatter."""
     expected = clone_buffers(buffers)
-    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers):
+    for slot, layer, plane, chunk, where in _mapped_rows(buffers, slots, token_offset, layers, slab_first_layer):
         expected.plane_rows(layer, plane)[slot] = slabs[chunk][where].to(buffers.device)
     return buffer_bytes(expected)
 
@@ -88,15 +100,14 @@ def _case(kind, dtype, device, seed, *, n=19, token_offset=5, page_aligned=False
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("kind", LAYOUTS, ids=lambda k: k.value)
 def test_gather_matches_oracle_and_reference(kind, dtype, layers, device):
-    buffers, slots, slabs = _case(kind, dtype, device, seed=10 * LAYOUTS.index(kind) + DTYPES.index(dtype))
+    buffers, slots, slabs = _case(kind, dtype, device, seed=_seed(kind, dtype))
     before = buffer_bytes(buffers)
     layer_range = layers or range(NUM_LAYERS)
     expected = _oracle_gather(buffers, slots, [s.cpu() for s in slabs], 5, layer_range)
     ref_slabs = [s.clone().pin_memory() if s.is_pinned() else s.clone() for s in slabs]
     gather(buffers, slots, ref_slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TORCH)
     gather(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TRITON)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     for i, (got, ref, exp) in enumerate(zip(slabs, ref_slabs, expected, strict=True)):
         assert torch.equal(ref.cpu(), exp), f"reference differs from the oracle in slab {i}"
         assert torch.equal(got.cpu(), exp), f"kernel differs from the oracle in slab {i}"
@@ -108,15 +119,14 @@ def test_gather_matches_oracle_and_reference(kind, dtype, layers, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("kind", LAYOUTS, ids=lambda k: k.value)
 def test_scatter_matches_oracle_and_reference(kind, dtype, layers, device):
-    buffers, slots, slabs = _case(kind, dtype, device, seed=7 + 10 * LAYOUTS.index(kind) + DTYPES.index(dtype))
+    buffers, slots, slabs = _case(kind, dtype, device, seed=7 + _seed(kind, dtype))
     slabs_before = [s.clone() for s in slabs]
     layer_range = layers or range(NUM_LAYERS)
     expected = _oracle_scatter(buffers, slots, [s.cpu() for s in slabs], 5, layer_range)
     ref = clone_buffers(buffers)
     scatter(ref, slots, slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TORCH)
     scatter(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5, layers=layers, backend=Backend.TRITON)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     for i, (got, r, exp) in enumerate(zip(buffer_bytes(buffers), buffer_bytes(ref), expected, strict=True)):
         assert torch.equal(r, exp), f"reference differs from the oracle in plane tensor {i}"
         assert torch.equal(got, exp), f"kernel differs from the oracle in plane tensor {i}"
@@ -165,6 +175,62 @@ def test_out_of_range_slots_are_skipped_flagged_and_touch_nothing_outside(device
                    torch.tensor([1, -1, 3, -1, -1], device=device), slabs, chunk_size=CHUNK, backend=Backend.TORCH)
     assert not good.error_flag.is_set()
     assert all(torch.equal(a, b) for a, b in zip(buffer_bytes(buffers), expected, strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", LAYOUTS, ids=lambda k: k.value)
+def test_full_width_copy_between_slots_and_staging_pieces(kind, dtype, direction, device):
+    """The placement (scatter) and the store's gather of the copy-engine path: the ordinary kernel
+    over staging pieces in device memory that hold only some layers, one program per tile. 21
+    tokens from row 3 cross two chunk boundaries and end inside a token block."""
+    buffers, slots, _ = _case(kind, dtype, device, seed=50 + _seed(kind, dtype), n=21, token_offset=3)
+    gen = torch.Generator().manual_seed(60 + _seed(kind, dtype))
+    piece_layers = range(1, NUM_LAYERS)
+    pieces = [p.to(device) for p in random_slabs(3, len(piece_layers) * buffers.geometry.layer_bytes(CHUNK), gen)]
+    pieces_before = [p.cpu().clone() for p in pieces]
+    before = buffer_bytes(buffers)
+    plan = plan_copy(buffers, slots, pieces, chunk_size=CHUNK, token_offset=3, slab_layers=piece_layers)
+    layers = range(2, 3) if direction is Direction.SCATTER else piece_layers
+    if direction is Direction.GATHER:
+        expected = _oracle_gather(buffers, slots, pieces_before, 3, layers, slab_first_layer=1)
+    else:
+        expected = _oracle_scatter(buffers, slots, pieces_before, 3, layers, slab_first_layer=1)
+    # One program per tile: no cap below the tile count.
+    assert layer_signal_count(plan, layers, FULL_WIDTH) == tiling(plan, FULL_WIDTH).tiles_per_layer
+    run_copy(plan, direction, layers=layers, max_programs=FULL_WIDTH, backend=Backend.TRITON)
+    _sync(device)
+    if direction is Direction.GATHER:
+        assert all(torch.equal(p.cpu(), e) for p, e in zip(pieces, expected, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(before, buffer_bytes(buffers), strict=True)), "gather modified its source"
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(buffer_bytes(buffers), expected, strict=True))
+        assert all(torch.equal(p.cpu(), b) for p, b in zip(pieces, pieces_before, strict=True)), "scatter modified its source"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("direction", list(Direction))
+def test_a_third_plane_is_copied_like_the_others(direction, device):
+    """Planes are a table, not two hard-coded rows: three planes of different widths per layer."""
+    gen = torch.Generator().manual_seed(70)
+    widths = (8, 24, 4)  # float32 elements per row: 32, 96 and 16 bytes
+    layers = [[torch.randn(NUM_SLOTS, w, generator=gen).to(device) for w in widths] for _ in range(NUM_LAYERS)]
+    buffers = KVBuffers._build(LayoutKind.TOKEN_SLOT, layers, token_dims=1)
+    assert buffers.geometry.plane_row_bytes == (32, 96, 16)
+    slots = _slots(gen, 19, page_aligned=False, device=device)
+    slabs = random_slabs(3, buffers.geometry.slab_bytes(CHUNK), gen, pin=device == "cuda")
+    host = [s.cpu().clone() for s in slabs]
+    if direction is Direction.GATHER:
+        expected = _oracle_gather(buffers, slots, host, 5, range(NUM_LAYERS))
+        gather(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5, backend=Backend.TRITON)
+        _sync(device)
+        assert all(torch.equal(s.cpu(), e) for s, e in zip(slabs, expected, strict=True))
+    else:
+        expected = _oracle_scatter(buffers, slots, host, 5, range(NUM_LAYERS))
+        scatter(buffers, slots, slabs, chunk_size=CHUNK, token_offset=5, backend=Backend.TRITON)
+        _sync(device)
+        assert all(torch.equal(a, b) for a, b in zip(buffer_bytes(buffers), expected, strict=True))
 
 
 def test_validate_names_first_bad_position():
@@ -305,12 +371,12 @@ def test_transfer_paths_match_oracle(path, direction, token_offset, n, device):
     if direction is Direction.GATHER:
         expected = _oracle_gather(buffers, slots, [s.cpu() for s in slabs], token_offset, range(4))
         transfer.gather(slots, slabs, token_offset=token_offset)
-        transfer.synchronize()
+        _sync(device)
         got = [s.cpu() for s in slabs]
     else:
         expected = _oracle_scatter(buffers, slots, [s.cpu() for s in slabs], token_offset, range(4))
         transfer.scatter(slots, slabs, token_offset=token_offset)
-        transfer.synchronize()
+        _sync(device)
         got = buffer_bytes(buffers)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
@@ -328,6 +394,6 @@ def test_staged_path_is_taken_and_plan_reusable_per_layer():
     prepared = transfer.prepare(slots, slabs)
     expected = _oracle_gather(buffers, slots, [s.clone() for s in slabs], 0, range(4))
     taken = {transfer.run(prepared, Direction.GATHER, layers=range(layer, layer + 1)) for layer in range(4)}
-    transfer.synchronize()
+    torch.cuda.synchronize()
     assert taken == {TransferPath.STAGED}
     assert all(torch.equal(a, b) for a, b in zip(slabs, expected, strict=True))

@@ -15,7 +15,7 @@ from lmc_transfer.keys import chunk_keys
 from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
 from lmc_transfer.store.slots import chunk_slots
 from lmc_transfer.store.base import Reservation
-from lmc_transfer.transfer.paths import Transfer
+from lmc_transfer.transfer.paths import DEFAULT_STAGING_BYTES, Transfer, TransferPath
 
 from .kv_fixtures import DTYPES, LAYOUTS, buffer_bytes, make_buffers
 from .test_ip_store import CS, SALT, FakeClock, assert_rows_equal, keys_for, make_store, rows, slot_range, unchanged_except
@@ -23,29 +23,30 @@ from .test_ip_store import CS, SALT, FakeClock, assert_rows_equal, keys_for, mak
 LAYERS = 3
 
 
-def new_transfer(store) -> Transfer:
-    return Transfer(store.buffers, CS)
+def new_transfer(store, path: TransferPath = TransferPath.AUTO, staging_bytes: int | None = None) -> Transfer:
+    return Transfer(store.buffers, CS, path=path, staging_bytes=staging_bytes or DEFAULT_STAGING_BYTES)
 
 
-def store_layerwise(store, keys, src) -> int:
-    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), src)
+def store_layerwise(store, keys, src, path: TransferPath = TransferPath.AUTO) -> int:
+    saver = LayerwiseStore(new_transfer(store, path), store, store.reserve(keys), src)
     for layer in range(LAYERS):
         saver.after_layer(layer)
     assert saver.done()
     return saver.finish()
 
 
+@pytest.mark.parametrize("path", [TransferPath.ZERO_COPY, TransferPath.STAGED], ids=lambda p: p.value)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", LAYOUTS, ids=lambda k: k.value)
-def test_layerwise_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype) -> None:
+def test_layerwise_round_trip_is_byte_exact(kind: LayoutKind, dtype: torch.dtype, path: TransferPath) -> None:
     store = make_store(kind, dtype, num_layers=LAYERS)
     buffers = store.buffers
     keys = keys_for(1, 3)
     src = torch.tensor([5, 40, 7, 3, 90, 91, 12, 13, 0, 95, 33, 60], dtype=torch.int64)
     expected = rows(buffers, src)
-    assert store_layerwise(store, keys, src) == 3
+    assert store_layerwise(store, keys, src, path) == 3
     before = buffer_bytes(buffers)
-    counter = LayerTransferCounter(new_transfer(store))
+    counter = LayerTransferCounter(new_transfer(store, path))
     lease = store.lookup(keys)
     dst = torch.tensor([80, 81, 82, 83, 20, 21, 22, 23, 50, 51, 52, 53, 70], dtype=torch.int64)
     counter.start_load(store, lease, dst)
@@ -88,6 +89,55 @@ def test_store_gathers_only_the_layers_it_was_told_about() -> None:
     saver.after_layer(0)
     assert saver.finish() == 2
     assert store.lookup(keys).num_chunks == 2
+
+
+def test_staged_layerwise_paths_move_each_layer_at_its_boundary() -> None:
+    """The copy-engine path on CPU, one layer per unit through a ring of two slots: a store's
+    layer lands in its slabs when after_layer reports it (in any order), a load's layer in the
+    slots at its wait_until, and later layers stay untouched until theirs."""
+    store = make_store(num_layers=LAYERS)
+    geom = store.buffers.geometry
+    keys = keys_for(12, 3)
+    src = slot_range(0, 12)
+    # 2 x (3 chunks x one layer): one layer per unit, 2 slots for 3 layers (a slot is reused).
+    staging = 2 * 3 * geom.layer_bytes(CS)
+    res = store.reserve(keys)
+    slabs = store.slab_views(res.slab_ids)
+    for s in slabs:
+        s.fill_(0x5A)
+    saver = LayerwiseStore(new_transfer(store, TransferPath.STAGED, staging), store, res, src)
+    layer = geom.layer_bytes(CS)
+    order = (1, 2, 0)
+    for step, stored in enumerate(order):
+        saver.after_layer(stored)
+        done_layers = set(order[: step + 1])
+        for c, s in enumerate(slabs):
+            for l in range(LAYERS):
+                piece = s[l * layer:(l + 1) * layer]
+                if l in done_layers:
+                    for plane, row in enumerate(geom.plane_row_bytes):
+                        base = geom.plane_offset(plane, CS)
+                        got = piece[base:base + CS * row].view(CS, row)
+                        assert torch.equal(got, store.buffers.plane_rows(l, plane)[src[c * CS:(c + 1) * CS]])
+                else:
+                    assert piece.eq(0x5A).all(), f"layer {l} written before its after_layer (step {step})"
+    assert saver.done() and saver.finish() == 3
+    expected = rows(store.buffers, src)
+    dst = slot_range(40, 12)
+    before = buffer_bytes(store.buffers)
+    counter = LayerTransferCounter(new_transfer(store, TransferPath.STAGED, staging))
+    lease = store.lookup(keys)
+    counter.start_load(store, lease, dst)
+    assert all(torch.equal(a, b) for a, b in zip(before, buffer_bytes(store.buffers), strict=True)), "placed before any wait"
+    for l in range(LAYERS):
+        counter.wait_until(l)
+        got = rows(store.buffers, dst)
+        for ll in range(LAYERS):
+            for plane in range(2):
+                want = expected[ll * 2 + plane] if ll <= l else before[ll * 2 + plane].view(store.buffers.num_slots, -1)[dst]
+                assert torch.equal(got[ll * 2 + plane], want), f"layer {ll} plane {plane} after wait_until({l})"
+    assert counter.finish().chunks_loaded == 3
+    store.release(lease)
 
 
 def test_store_of_non_contiguous_chunks_uses_their_rows() -> None:
@@ -198,7 +248,8 @@ def test_chunk_slots_selects_reserved_rows_in_order() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_layerwise_round_trip_with_streams() -> None:
+@pytest.mark.parametrize("path", [TransferPath.ZERO_COPY, TransferPath.STAGED], ids=lambda p: p.value)
+def test_cuda_layerwise_round_trip_with_streams(path: TransferPath) -> None:
     """On a GPU: stores behind a fake forward pass, loads ahead of it, no CPU blocking per layer."""
     gen = torch.Generator().manual_seed(0)
     buffers = make_buffers(
@@ -210,13 +261,13 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
     keys = keys_for(11, 256)
     src = torch.randperm(2048, device="cuda")[:1024] + 2048
     expected = rows(buffers, src)
-    saver = LayerwiseStore(new_transfer(store), store, store.reserve(keys), src)
+    saver = LayerwiseStore(new_transfer(store, path), store, store.reserve(keys), src)
     for layer in range(LAYERS):
         torch.cuda._sleep(100_000)  # the layer's forward
         saver.after_layer(layer)
     assert saver.finish() == 256
     dst = torch.arange(0, 1024, device="cuda")
-    counter = LayerTransferCounter(new_transfer(store))
+    counter = LayerTransferCounter(new_transfer(store, path))
     lease = store.lookup(keys)
     counter.start_load(store, lease, dst)
     for layer in range(LAYERS):
@@ -231,10 +282,13 @@ def test_cuda_layerwise_round_trip_with_streams() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layer_signals", [True, False], ids=["one_launch_counters", "launch_per_layer_events"])
-def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -> None:
+@pytest.mark.parametrize("path, layer_signals", [(TransferPath.STAGED, False), (TransferPath.ZERO_COPY, True),
+                                                 (TransferPath.ZERO_COPY, False)],
+                         ids=["copy_engine", "one_launch_counters", "launch_per_layer_events"])
+def test_cuda_each_layer_is_complete_when_its_wait_passes(path: TransferPath, layer_signals: bool) -> None:
     """A kernel queued after wait_until(l) sees all of layer l although later layers are still
-    loading: each layer is snapshotted on the compute stream right after its wait."""
+    loading: each layer is snapshotted on the compute stream right after its wait. The staging
+    buffer holds 3 layers, so the copy-engine path reuses every slot."""
     num_layers, chunk = 8, 256
     gen = torch.Generator().manual_seed(5)
     # 8 heads x 128 bf16 per plane (Llama-8B rows): ~1 ms of PCIe per layer for 8192 tokens.
@@ -246,7 +300,7 @@ def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -
     keys = chunk_keys(list(range(32 * chunk)), chunk, SALT)
     src, dst = torch.randperm(16384, device="cuda", generator=None).split(8192)
     expected = rows(buffers, src)
-    transfer = Transfer(buffers, chunk)
+    transfer = Transfer(buffers, chunk, path=path, staging_bytes=3 * 32 * buffers.geometry.layer_bytes(chunk))
     saver = LayerwiseStore(transfer, store, store.reserve(keys), src)
     for layer in range(num_layers):
         saver.after_layer(layer)
@@ -268,6 +322,37 @@ def test_cuda_each_layer_is_complete_when_its_wait_passes(layer_signals: bool) -
     for layer, (got, want) in enumerate(zip(snapshots, per_layer_expected, strict=True)):
         for plane in range(2):
             assert torch.equal(got[plane], want[plane]), f"layer {layer} plane {plane} read before it landed"
+
+
+@pytest.mark.gpu
+def test_cuda_copy_engine_finish_does_not_wait_for_the_forward_pass() -> None:
+    """finish() needs only the load's copies out of the host slabs: with ~0.5 s of "forward" queued
+    on the compute stream after the last wait, it returns while that still runs, and the data
+    is there once the stream has passed it."""
+    gen = torch.Generator().manual_seed(6)
+    buffers = make_buffers(LayoutKind.TOKEN_SLOT, torch.bfloat16, num_layers=LAYERS, num_slots=4096, device="cuda",
+                           gen=gen)
+    slab = buffers.geometry.slab_bytes(CS)
+    store = IPStore(LMCTransferConfig.from_dict({"chunk_size": CS, "max_local_cpu_size": 64.5 * slab / GB}), buffers)
+    keys = keys_for(13, 64)
+    src = torch.arange(256, device="cuda")
+    expected = rows(buffers, src)
+    assert store.save(store.reserve(keys), src) == 64 and store.flush_stores(10)
+    counter = LayerTransferCounter(new_transfer(store, TransferPath.STAGED))
+    lease = store.lookup(keys)
+    dst = torch.arange(1024, 1280, device="cuda")
+    counter.start_load(store, lease, dst)
+    forward_done = torch.cuda.Event()
+    for layer in range(LAYERS):
+        counter.wait_until(layer)
+    torch.cuda._sleep(1_000_000_000)
+    forward_done.record()
+    assert counter.finish().chunks_loaded == 64
+    assert not forward_done.query(), "finish() waited for work queued after the load"
+    store.release(lease)
+    torch.cuda.synchronize()
+    for got, want in zip(rows(buffers, dst), expected):
+        assert torch.equal(got, want)
 
 
 class _FailingTransfer(Transfer):

@@ -15,6 +15,7 @@ import zmq
 from lmc_transfer.config import load_config
 from lmc_transfer.kernels import SlotRangeError
 from lmc_transfer.store.mp_client import DaemonConnection, DaemonUnavailable, MPStore, StoreClosed
+from lmc_transfer.transfer.store_copies import StoreCopies
 from lmc_transfer.daemon.protocol import PROTOCOL_VERSION, MsgType
 from tests.conftest_mp import (  # noqa: F401  (fixtures)
     CHUNK,
@@ -176,14 +177,14 @@ def test_eviction_under_pressure_with_concurrent_clients(workdir, daemons, monke
     # Without a GPU the kernels run in Triton's interpreter, which is not thread-safe:
     # serialise the copies only; the daemon requests of the engines still interleave.
     copy_lock = threading.Lock()
-    for name in ("_copy_scatter", "_copy_gather"):
-        original = getattr(MPStore, name)
+    for name in ("load", "save"):
+        original = getattr(StoreCopies, name)
 
         def locked(self, *args, _original=original, **kwargs):
             with copy_lock:
                 return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(MPStore, name, locked)
+        monkeypatch.setattr(StoreCopies, name, locked)
     cfg = write_config(workdir, max_local_cpu_size=8 * SLAB_BYTES / 1024**3, lookup_timeout_ms=2000, request_timeout_ms=2000)
     d = start_daemon(daemons, cfg)
     errors: list[str] = []

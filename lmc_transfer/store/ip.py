@@ -2,8 +2,10 @@
 
 Host memory is one pinned buffer when the KV buffers are on CUDA (so the kernels
 can address it), plain CPU memory otherwise. Copies run through a ``Transfer`` on
-a private stream and are waited for before ``load``/``save`` return; for copies
-that must overlap the forward pass use ``lmc_transfer.transfer.layerwise``.
+a private stream (lmc_transfer/transfer/store_copies.py): ``load`` returns once its
+copy has landed, ``save`` returns once its copy is queued and commits when it has
+finished (``flush_stores`` waits for that); for copies that must overlap the forward
+pass use ``lmc_transfer.transfer.layerwise``.
 
 With ``remote_url`` set, commits are written behind to the Redis remote tier and
 a lookup that misses fills the rest of its prefix from there (lmc_transfer.tiers.remote_sync).
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from lmc_transfer.tiers.format import SlabFormat, geometry_digest
-from lmc_transfer.kernels import Direction, KVBuffers
+from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.store.pool import SlabPool
 from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
 from lmc_transfer.store.base import (
@@ -36,10 +38,14 @@ from lmc_transfer.store.base import (
     Reservation,
     StoreStats,
 )
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots, chunk_slots, lease_slots
-from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
+from lmc_transfer.store.slots import chunk_slots, lease_slots
+from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.store_copies import StoreCopies
 
 from lmc_transfer.config import LMCTransferConfig
+
+#: How long ``close`` waits for queued saves to commit.
+_CLOSE_TIMEOUT_S = 10.0
 
 
 class IPStore(CacheStore):
@@ -96,9 +102,7 @@ class IPStore(CacheStore):
             staging_bytes=config.staging_bytes,
             max_programs=config.max_programs,
         )
-        self._stream = torch.cuda.Stream(device=buffers.device) if on_cuda else None
-        # The transfer's staging ring and our stream are not safe for concurrent use.
-        self._copy_lock = threading.Lock()
+        self._copies = StoreCopies(self.transfer, "ip-store")
         self._stats_lock = threading.Lock()
         self._stats = StoreStats()
 
@@ -149,10 +153,7 @@ class IPStore(CacheStore):
         # A lease about to expire may lose its slabs while the copy runs: not worth a copy.
         intact = pool.verify(lease.slab_ids, lease.generations) if self.has_time_for_copy(lease.deadline) else 0
         if intact:
-            slabs = self.slab_views(lease.slab_ids[:intact])
-            prepared = self._copy(Direction.SCATTER, slots[: intact * self.chunk_size], slabs, layers)
-            if prepared.plan.error_flag.is_set():
-                check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
+            self._copies.load(slots[: intact * self.chunk_size], self.slab_views(lease.slab_ids[:intact]), layers)
             intact = pool.verify(lease.slab_ids[:intact], lease.generations[:intact])
         num_layers = self.buffers.num_layers if layers is None else len(layers)
         with self._stats_lock:
@@ -186,9 +187,8 @@ class IPStore(CacheStore):
                 self._stats.count_commit(reservation, 0, self.pool.slab_bytes)
             return 0
         with self._aborting_on_error(reservation):
-            self._copy(Direction.GATHER, selected, self.slab_views(reservation.slab_ids), None)
-            check_saved_slots(selected, self.buffers.num_slots)
-        return self.commit(reservation)
+            return self._copies.save(selected, self.slab_views(reservation.slab_ids), commit=lambda: self.commit(reservation),
+                                     abort=lambda: self.abort(reservation), queued=reservation.num_chunks)
 
     def abort(self, reservation: Reservation) -> None:
         if reservation.num_chunks:
@@ -231,6 +231,10 @@ class IPStore(CacheStore):
     def clear(self) -> None:
         self.pool.clear()
 
+    def flush_stores(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every queued ``save`` has committed; True when none is left."""
+        return self._copies.drain(timeout_s)
+
     def flush_remote(self, timeout_s: float) -> bool:
         """Wait (bounded) for the remote write-behind; True when nothing is left (or no remote)."""
         return self._remote.flush(timeout_s) if self._remote is not None else True
@@ -238,25 +242,7 @@ class IPStore(CacheStore):
     def close(self) -> None:
         if self._filler is not None:
             self._filler.shutdown(wait=True)  # a fill in flight ends within its own timeout
+        self._copies.close(_CLOSE_TIMEOUT_S)
         if self._remote is not None:
             self._remote.close()
-        with self._copy_lock:
-            self._pool = None
-
-    # -- data path -----------------------------------------------------------
-
-    def _copy(
-        self, direction: Direction, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None
-    ) -> PreparedTransfer:
-        """Run one transfer on the private stream and wait for it."""
-        with self._copy_lock:
-            prepared = self.transfer.prepare(slots, slabs)
-            stream = self._stream
-            if stream is not None:
-                # After prepare: its index tables, the slots' KV (save) and their previous
-                # readers (load) are all ordered on the caller's stream.
-                stream.wait_stream(torch.cuda.current_stream(self.buffers.device))
-            self.transfer.run(prepared, direction, layers=layers, stream=stream)
-            if stream is not None:
-                stream.synchronize()
-            return prepared
+        self._pool = None

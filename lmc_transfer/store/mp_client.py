@@ -89,13 +89,18 @@ from lmc_transfer.store.base import (
     Reservation,
     StoreStats,
 )
-from lmc_transfer.store.slots import check_loaded_slots, check_saved_slots, chunk_slots, lease_slots
-from lmc_transfer.transfer.paths import PreparedTransfer, Transfer, TransferPath
+from lmc_transfer.store.slots import chunk_slots, lease_slots
+from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.store_copies import StoreCopies
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
+#: How long ``close`` waits for queued saves' copies (their COMMITs get a request timeout more).
+_CLOSE_COPIES_S = 10.0
+#: How long past a lease TTL a restarted daemon's old segment stays mapped for copies in flight.
+_RETIRED_SEGMENT_MARGIN_S = 10.0
 
 
 class DaemonUnavailable(ConnectionError):
@@ -359,9 +364,12 @@ class MPStore(CacheStore):
             staging_bytes=config.staging_bytes,
             max_programs=config.max_programs,
         )
+        self._copies = StoreCopies(self._transfer, "mp-store")
         self._lock = threading.RLock()
         self._session: _Session | None = None
         self._segment: MappedSegment | None = None  # stays mapped across a failed session
+        # Segments of an earlier daemon, with when they may be unmapped (see _retire_segment).
+        self._retired: list[tuple[float, MappedSegment]] = []
         self._backoff_s = 0.0
         self._next_attempt = 0.0
         self._local_ids = itertools.count(1)  # 0 is every empty lease/reservation
@@ -386,13 +394,10 @@ class MPStore(CacheStore):
         reply = self._conn.call(HelloRequest(self.buffers.geometry, self.chunk_size, self.client_id), deadline=deadline)
         if reply.slab_bytes != self.slab_bytes:
             raise DaemonError(ErrorCode.GEOMETRY, f"daemon slabs are {reply.slab_bytes} bytes, this engine needs {self.slab_bytes}")
+        self._close_retired(time.monotonic())
         if self._segment is None or self._segment.name != reply.segment:
             if self._segment is not None:
-                # Copies queued by callers that drive the kernels themselves (LayerwiseStore)
-                # may still target the old mapping: let them land before it is unregistered.
-                if self.buffers.device.type == "cuda":
-                    torch.cuda.synchronize(self.buffers.device)
-                self._segment.close()
+                self._retire_segment(self._segment)
                 self._segment = None
             self._segment = self._open_segment(reply.segment, reply.num_slabs, reply.slab_bytes)
         self._session = _Session(reply.epoch, self._segment, reply.lease_ttl_s)
@@ -400,6 +405,27 @@ class MPStore(CacheStore):
         self._reconnects += 1
         self._set_link(_Link.UP, f"epoch {reply.epoch}, segment {reply.segment}")
         return self._session
+
+    def _retire_segment(self, segment: MappedSegment) -> None:
+        """Keep a restarted daemon's old segment mapped for a while instead of unmapping it now.
+
+        Copies queued by callers that drive the kernels themselves (LayerwiseStore) may still
+        target the old mapping. Waiting for them would take a device-wide synchronize, which
+        also waits for the engine's forward pass; instead the mapping stays registered for a
+        lease TTL (no copy may start later than that on an old lease or reservation) plus a
+        margin for copies in flight, and is unmapped at the next HELLO after that or at close.
+        """
+        ttl = self._session.lease_ttl_s if self._session is not None else self.config.lease_ttl_s
+        self._retired.append((time.monotonic() + ttl + _RETIRED_SEGMENT_MARGIN_S, segment))
+
+    def _close_retired(self, now: float) -> None:
+        keep = []
+        for until, segment in self._retired:
+            if until <= now:
+                segment.close()
+            else:
+                keep.append((until, segment))
+        self._retired = keep
 
     def _open_segment(self, name: str, num_slabs: int, slab_bytes: int) -> MappedSegment:
         if not name.startswith("/lmct-"):
@@ -523,10 +549,8 @@ class MPStore(CacheStore):
             session = self._session_for(self._leases.get(lease.lease_id))
             ok = 0
             if session is not None and self.has_time_for_copy(lease.deadline):
-                slabs = [session.segment.slab(s) for s in lease.slab_ids]
-                prepared = self._copy_scatter(slots, slabs, layers)
-                if prepared.plan.error_flag.is_set():
-                    check_loaded_slots(prepared.plan.slots, self.buffers.num_slots)
+                # Returns once this copy has landed (its own event), so the generations are checked after it.
+                self._copies.load(slots, [session.segment.slab(s) for s in lease.slab_ids], layers)
                 ok = self._verify_in(session, lease.slab_ids, lease.generations)
             self._stats.count_load(lease, ok, bytes_per_chunk)
             return LoadResult(ok, ok * self.chunk_size)
@@ -591,9 +615,10 @@ class MPStore(CacheStore):
                 self._stats.count_commit(reservation, 0, self.slab_bytes)
                 return 0
             with self._aborting_on_error(reservation):
-                self._copy_gather(selected, [session.segment.slab(s) for s in reservation.slab_ids])
-                check_saved_slots(selected, self.buffers.num_slots)
-            return self.commit(reservation)
+                # On CUDA the commit follows on the completion thread once the gather has finished.
+                return self._copies.save(selected, [session.segment.slab(s) for s in reservation.slab_ids],
+                                         commit=lambda: self.commit(reservation),
+                                         abort=lambda: self.abort(reservation), queued=reservation.num_chunks)
 
     def commit(self, reservation: Reservation) -> int:
         n = reservation.num_chunks
@@ -658,9 +683,15 @@ class MPStore(CacheStore):
             except (DaemonUnavailable, DaemonError) as exc:
                 log.warning("CLEAR not delivered: %s", exc)
 
+    def flush_stores(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every queued ``save`` has committed; True when none is left."""
+        return self._copies.drain(timeout_s)
+
     def close(self) -> None:
         """Unmap the segment and close the socket; later lookups and stores raise StoreClosed
         (release and abort of what is left do nothing). Idempotent."""
+        # Before taking the lock: the commits still queued take it.
+        self._copies.close(self.config.request_timeout_ms / 1000 + _CLOSE_COPIES_S)
         with self._lock:
             if self._closed:
                 return
@@ -669,6 +700,7 @@ class MPStore(CacheStore):
             if self._segment is not None:
                 self._segment.close()
                 self._segment = None
+            self._close_retired(float("inf"))
             self._conn.close()
 
     # -- internals -----------------------------------------------------------
@@ -686,15 +718,4 @@ class MPStore(CacheStore):
         same = current == np.asarray(generations, dtype=np.uint64)
         return len(slab_ids) if bool(same.all()) else int(np.argmin(same))
 
-    # The one place the data path is chosen; both directions wait for the copy
-    # to finish, because generations are checked (load) or the slabs are
-    # published (save) right after.
-    def _copy_scatter(self, slots: torch.Tensor, slabs: list[torch.Tensor], layers: range | None) -> PreparedTransfer:
-        prepared = self._transfer.scatter(slots, slabs, layers=layers)
-        self._transfer.synchronize()
-        return prepared
-
-    def _copy_gather(self, slots: torch.Tensor, slabs: list[torch.Tensor]) -> None:
-        self._transfer.gather(slots, slabs)
-        self._transfer.synchronize()
 
