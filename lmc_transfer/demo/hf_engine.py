@@ -107,6 +107,15 @@ def build_model(shape: LlamaShape, *, dtype: torch.dtype, device: torch.device |
     return model.eval().requires_grad_(False)
 
 
+def model_forward(model: Any, input_ids: torch.Tensor, kv: Any, logits_to_keep: int = 1) -> torch.Tensor:
+    """``model`` on ``input_ids`` ``[batch, n]`` after the KV in ``kv`` (a transformers ``Cache``,
+    which grows by them); the logits of the last ``logits_to_keep`` tokens (0: all), ``[batch, n, vocab]``."""
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name warns).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        return model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: kv}).logits
+
+
 def model_kv_geometry(model: Any) -> KVGeometry:
     """The token_slot geometry of ``model``'s KV: per layer K and V ``[kv_heads, head_dim]``."""
     config = model.config
@@ -149,9 +158,6 @@ class HFEngine:
         self.buffers = buffers
         self.device = buffers.device
         self._dynamic_cache = import_transformers().DynamicCache
-        # transformers 5.24 renamed forward's past_key_values to cache (the old name warns).
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # ----- a request's life -----
 
@@ -229,9 +235,7 @@ class HFEngine:
     def forward(self, tokens: Sequence[int], kv: Any, logits_to_keep: int = 1) -> torch.Tensor:
         """The model on ``tokens`` after the KV in ``kv`` (which grows by them); logits ``[1, n, vocab]``."""
         ids = torch.tensor([list(tokens)], dtype=torch.int64, device=self.device)
-        with torch.no_grad():
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_arg: kv})
-        return out.logits
+        return model_forward(self.model, ids, kv, logits_to_keep)
 
     # ----- internals -----
 
