@@ -163,16 +163,16 @@ def test_one_token_of_swapped_kv_changes_the_logits(setup: Setup, dtype: torch.d
 def test_digests_catch_one_changed_byte():
     setup = Setup(LMCTransferConfig.from_dict({"mode": "ip", "chunk_size": CHUNK, "max_local_cpu_size": 0.01}))
     engine = setup.engine(torch.float32, seed=5)
-    digests = KVDigests(engine.buffers, CHUNK)
+    digests = KVDigests(CHUNK)
     prompt = tokens(7, PROMPT)
     state = engine.fresh("a", prompt)
     engine.prefill(state)
     slots = state.req.req_to_token
-    digests.record(prompt, slots, computed_from=0)
-    assert digests.mismatched_tokens(prompt, slots) == 0
+    digests.record(engine.buffers, prompt, slots, computed_from=0)
+    assert digests.mismatched_tokens(engine.buffers, prompt, slots) == 0
     engine.buffers.plane_rows(1, 1)[slots[CHUNK + 3], 7] ^= 0x10  # one byte of chunk 1
-    assert digests.mismatched_tokens(prompt, slots) == CHUNK
-    assert digests.mismatched_tokens(tokens(8, PROMPT), slots) == CACHED_CHUNKS * CHUNK  # other tokens: unknown
+    assert digests.mismatched_tokens(engine.buffers, prompt, slots) == CHUNK
+    assert digests.mismatched_tokens(engine.buffers, tokens(8, PROMPT), slots) == CACHED_CHUNKS * CHUNK  # other tokens: unknown
     engine.release(state)
     engine.cache.release_host_resources()
 

@@ -275,25 +275,24 @@ class KVDigests:
     the same tokens in a forward of another length may round differently); KV reused from the
     caches must match one of them."""
 
-    def __init__(self, buffers: KVBuffers, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.buffers = buffers
         self.chunk_size = chunk_size
         self._versions: dict[bytes, set[bytes]] = {}
 
-    def record(self, token_ids: Sequence[int], slots: torch.Tensor, computed_from: int) -> None:
-        """Record the full chunks of ``slots`` (the KV of ``token_ids[:len(slots)]``) that hold a
-        token at or past ``computed_from``."""
+    def record(self, buffers: KVBuffers, token_ids: Sequence[int], slots: torch.Tensor, computed_from: int) -> None:
+        """Record the full chunks of ``slots`` in ``buffers`` (the KV of ``token_ids[:len(slots)]``)
+        that hold a token at or past ``computed_from``."""
         for key, rows in self._chunks(token_ids, slots):
             if rows[-1] >= computed_from:
-                self._versions.setdefault(key, set()).add(self._digest(slots[rows[0]:rows[-1] + 1]))
+                self._versions.setdefault(key, set()).add(_digest(buffers, slots[rows[0]:rows[-1] + 1]))
 
-    def mismatched_tokens(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
-        """Tokens of the full chunks of ``slots`` whose KV is no version this process computed."""
+    def mismatched_tokens(self, buffers: KVBuffers, token_ids: Sequence[int], slots: torch.Tensor) -> int:
+        """Tokens of the full chunks of ``slots`` in ``buffers`` whose KV is no version this process computed."""
         bad = 0
         for key, rows in self._chunks(token_ids, slots):
-            if self._digest(slots[rows[0]:rows[-1] + 1]) not in self._versions.get(key, ()):
+            if _digest(buffers, slots[rows[0]:rows[-1] + 1]) not in self._versions.get(key, ()):
                 bad += len(rows)
         return bad
 
@@ -306,12 +305,14 @@ class KVDigests:
             out.append((key, range(start, start + self.chunk_size)))
         return out
 
-    def _digest(self, slots: torch.Tensor) -> bytes:
-        h = hashlib.sha256()
-        for layer in range(self.buffers.num_layers):
-            for plane in range(len(self.buffers.geometry.plane_shapes)):
-                h.update(self.buffers.plane_rows(layer, plane)[slots].cpu().numpy().tobytes())
-        return h.digest()
+
+
+def _digest(buffers: KVBuffers, slots: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    for layer in range(buffers.num_layers):
+        for plane in range(len(buffers.geometry.plane_shapes)):
+            h.update(buffers.plane_rows(layer, plane)[slots].cpu().numpy().tobytes())
+    return h.digest()
 
 
 @dataclass
@@ -336,12 +337,12 @@ class HFChatEngine:
         stats.loaded_tokens += state.loaded_tokens
         if state.loaded_tokens:
             stats.load_seconds += state.load_seconds
-        stats.mismatched_tokens += self.digests.mismatched_tokens(prompt, state.prefix)
+        stats.mismatched_tokens += self.digests.mismatched_tokens(engine.buffers, prompt, state.prefix)
         stats.ttft_seconds += served_s
         # KV exists for every token but the last output (it has not been fed back yet).
         if len(output) > 1:
             engine.extend(state, output[:-1])
-        self.digests.record(state.req.fill_ids, state.req.req_to_token, computed_from=state.reused_tokens)
+        self.digests.record(engine.buffers, state.req.fill_ids, state.req.req_to_token, computed_from=state.reused_tokens)
         engine.finish(state)
 
         recompute = engine.fresh(f"{rid}-recompute", prompt)
