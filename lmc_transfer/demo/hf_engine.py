@@ -116,6 +116,13 @@ def model_forward(model: Any, input_ids: torch.Tensor, kv: Any, logits_to_keep: 
         return model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: kv}).logits
 
 
+def warm_up(model: Any, tokens: int = 64) -> None:
+    """One forward outside any cache, so that timings after it exclude first-use costs (CUDA
+    context, cuBLAS handles and kernel selection)."""
+    ids = torch.ones((1, tokens), dtype=torch.int64, device=model.device)
+    int(model_forward(model, ids, import_transformers().DynamicCache(config=model.config))[0, -1].argmax())
+
+
 def model_kv_geometry(model: Any) -> KVGeometry:
     """The token_slot geometry of ``model``'s KV: per layer K and V ``[kv_heads, head_dim]``."""
     config = model.config
@@ -187,8 +194,9 @@ class HFEngine:
     def fresh(self, rid: str, prompt: Sequence[int]) -> Prefill:
         """Reuse nothing: ``prompt`` is computed from scratch (a miss, or an engine without a cache)."""
         self._check_prompt(prompt)
-        req = Req(rid, list(prompt), last_node=self.cache.root_node)
-        return Prefill(req, req.prefix_indices, 0, 0.0)
+        none = torch.empty(0, dtype=torch.int64, device=self.device)  # slots live on the KV's device
+        req = Req(rid, list(prompt), req_to_token=none, prefix_indices=none, last_node=self.cache.root_node)
+        return Prefill(req, none, 0, 0.0)
 
     def prefill(self, state: Prefill, logits_to_keep: int = 1) -> torch.Tensor:
         """Compute the prompt past the reused prefix; returns the logits of its last

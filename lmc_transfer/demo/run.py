@@ -226,6 +226,7 @@ def run_demo(settings: DemoSettings) -> int:
     if kind is EngineKind.HF:
         model_shape, shape = pick_model(device, torch.bfloat16)
         model = hf_engine.build_model(model_shape, dtype=torch.bfloat16, device=device, seed=0)
+        hf_engine.warm_up(model)
         engine_name = f"model {model_shape.name} (transformers, random weights), KV bf16"
         vocab = model_shape.vocab
     else:
