@@ -1,6 +1,6 @@
-"""End-to-end demo: a toy engine serving multi-turn chats through ``LMCRadixCache``.
+"""End-to-end demo: an engine serving multi-turn chats through ``LMCRadixCache``.
 
-    lmc-transfer demo [--config FILE] [--turns N] [--device auto|cpu|cuda]
+    lmc-transfer demo [--config FILE] [--turns N] [--device auto|cpu|cuda] [--engine auto|toy|hf]
     python -m lmc_transfer.demo ...
 
 MP (the default: the example MP config on a temporary ipc socket) starts a cache
@@ -9,6 +9,12 @@ process. The toy "model" writes deterministic bytes per (position, token id,
 layer, plane) into the KV buffers, so every byte that comes back from the cache
 can be checked: a wrong slot or a stale chunk shows up as a mismatch, and any
 mismatch makes the exit status 1.
+
+The real-model engine (``--engine hf``; the default on a GPU when transformers is installed)
+serves the same chats with transformers' Llama (random weights; the Llama-3-8B shape where the
+GPU has room, a tiny one elsewhere) and reports time to first token as served next to a full
+recompute of the same prompts. Its byte check: every full chunk of reused KV must equal, byte
+for byte, what this process computed for that token prefix.
 
 Phases: (1) conversations take turns; the GPU tree is evicted between turns, so
 each turn's history comes back from the cache. (2) The engine side restarts
@@ -20,6 +26,7 @@ conversation takes one more turn.
 from __future__ import annotations
 
 import argparse
+import enum
 import shutil
 import signal
 import subprocess
@@ -34,6 +41,7 @@ import torch
 import yaml
 
 from lmc_transfer.config import GB, ConfigError, LMCTransferConfig, Mode
+from lmc_transfer.demo import hf_engine
 from lmc_transfer.demo.toy_engine import CPU_SHAPE, GPU_SHAPE, PhaseStats, ToyEngine, ToyModel, ToyShape, Workload
 from lmc_transfer.radix.allocator import TokenSlotAllocator
 from lmc_transfer.kernels import KVBuffers
@@ -126,6 +134,12 @@ class DemoSettings:
     user_tokens: int = 200
     output_tokens: int = 60
     device: str = "auto"
+    engine: str = "auto"
+
+
+class EngineKind(enum.Enum):
+    TOY = "toy"  # checkable byte patterns, no model
+    HF = "hf"  # transformers' Llama (lmc_transfer.demo.hf_engine)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -138,11 +152,38 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def pick_engine(choice: str, device: torch.device) -> EngineKind:
+    if choice not in ("auto", "toy", "hf"):
+        raise ValueError(f"engine must be auto, toy or hf, got {choice!r}")
+    if choice == "auto":
+        return EngineKind.HF if device.type == "cuda" and hf_engine.transformers_installed() else EngineKind.TOY
+    if choice == "hf" and not hf_engine.transformers_installed():
+        raise ValueError(f"engine: hf needs Hugging Face transformers: pip install 'lmc-transfer[{hf_engine.EXTRA}]'")
+    return EngineKind(choice)
+
+
 def pick_shape(device: torch.device) -> ToyShape:
     if device.type != "cuda":
         return CPU_SHAPE
     free, _ = torch.cuda.mem_get_info(device)
     return GPU_SHAPE if GPU_SHAPE.num_slots * GPU_SHAPE.token_bytes * 2 < free else CPU_SHAPE
+
+
+#: GPU memory a model needs beyond its weights and KV pool (activations of a prefill, the
+#: DynamicCache rebuilt from slots, the allocator's slack).
+_MODEL_HEADROOM_BYTES = 8 * GB
+
+
+def pick_model(device: torch.device, dtype: torch.dtype) -> tuple[hf_engine.LlamaShape, ToyShape]:
+    """The real model and its KV pool: the Llama-3-8B shape where the GPU has room, else the tiny one."""
+    tiny = (hf_engine.TINY_LLAMA, hf_engine.TINY_LLAMA.kv_pool(CPU_SHAPE.num_slots, dtype))
+    if device.type != "cuda":
+        return tiny
+    big = hf_engine.LLAMA_3_8B
+    pool = big.kv_pool(GPU_SHAPE.num_slots, dtype)
+    free, _ = torch.cuda.mem_get_info(device)
+    need = big.parameters() * dtype.itemsize + pool.num_slots * pool.token_bytes + _MODEL_HEADROOM_BYTES
+    return (big, pool) if need < free else tiny
 
 
 def _fmt_bytes(n: float) -> str:
@@ -166,24 +207,44 @@ def _report(name: str, stats: PhaseStats, token_bytes: int) -> None:
         f"loaded {stats.loaded_tokens} tokens = {_fmt_bytes(loaded)} in {stats.load_seconds * 1e3:.1f} ms "
         f"({bw:.2f} GB/s), mismatched tokens {stats.mismatched_tokens}"
     )
+    if stats.recompute_ttft_seconds:
+        _say(f"    {_ttft(stats)}")
+
+
+def _ttft(stats: PhaseStats) -> str:
+    served, recompute = (s / stats.requests * 1e3 for s in (stats.ttft_seconds, stats.recompute_ttft_seconds))
+    return (f"TTFT (prefill to first token, mean): {served:.1f} ms as served vs {recompute:.1f} ms "
+            f"recomputed ({recompute / served:.1f}x)")
 
 
 def run_demo(settings: DemoSettings) -> int:
     if settings.turns < 1:
         raise ValueError(f"turns must be >= 1, got {settings.turns}")
     device = pick_device(settings.device)
-    shape = pick_shape(device)
+    kind = pick_engine(settings.engine, device)
+    model = None
+    if kind is EngineKind.HF:
+        model_shape, shape = pick_model(device, torch.bfloat16)
+        model = hf_engine.build_model(model_shape, dtype=torch.bfloat16, device=device, seed=0)
+        hf_engine.warm_up(model)
+        engine_name = f"model {model_shape.name} (transformers, random weights), KV bf16"
+        vocab = model_shape.vocab
+    else:
+        shape = pick_shape(device)
+        engine_name = f"toy engine, KV {shape.name}"
+        vocab = 32000
     workdir = Path(tempfile.mkdtemp(prefix="lmct-demo-"))
     daemon: DaemonProcess | None = None
     try:
-        workload = Workload(settings.conversations, settings.system_tokens, settings.user_tokens, settings.output_tokens)
+        workload = Workload(settings.conversations, settings.system_tokens, settings.user_tokens, settings.output_tokens,
+                            vocab_size=vocab)
         max_context = settings.system_tokens + (settings.turns + 1) * (settings.user_tokens + settings.output_tokens)
         if max_context >= shape.num_slots:
             raise ValueError(f"turns: {settings.turns} turns need {max_context} KV slots, the pool has {shape.num_slots}")
         chunk_guess = 256
         pool_bytes = 2 * settings.conversations * (max_context // chunk_guess + 2) * chunk_guess * shape.token_bytes
         config_path, config, notes = demo_config(settings.config, workdir, pool_bytes)
-        _say(f"lmc-transfer demo: mode {config.mode.value}, device {device}, KV {shape.name}, "
+        _say(f"lmc-transfer demo: mode {config.mode.value}, device {device}, {engine_name}, "
              f"{shape.num_slots} slots, chunk {config.chunk_size} tokens ({_fmt_bytes(shape.token_bytes * config.chunk_size)} per chunk)")
         for note in notes:
             _say(f"  config: {note}")
@@ -192,11 +253,15 @@ def run_demo(settings: DemoSettings) -> int:
             daemon = DaemonProcess(config_path, config, workdir / "daemon.log")
             _say(f"[daemon] ready after {daemon.wait_ready():.1f} s (pid {daemon.proc.pid})")
 
-        def engine(seed: int, store: CacheStore | None) -> ToyEngine:
+        digests = hf_engine.KVDigests(config.chunk_size)  # what this process computed, across both engines
+
+        def engine(seed: int, store: CacheStore | None) -> ToyEngine | hf_engine.HFChatEngine:
             buffers = shape.buffers(device, seed)
             allocator = TokenSlotAllocator(shape.num_slots, device=device, kvcache=buffers)
             cache = LMCRadixCache(allocator, config=config_path, model_id=MODEL_ID, store=store)
-            return ToyEngine(cache, ToyModel(buffers))
+            if model is None:
+                return ToyEngine(cache, ToyModel(buffers))
+            return hf_engine.HFChatEngine(hf_engine.HFEngine(model, cache), digests)
 
         eng = engine(seed=1, store=None)
         mismatches = 0
@@ -236,6 +301,8 @@ def run_demo(settings: DemoSettings) -> int:
         _report("engine 1", first, shape.token_bytes)
         _report("engine 2", second, shape.token_bytes)
         _say(f"  verified bytes: {verified_bytes} loaded from the cache, {mismatches} mismatched tokens")
+        if second.recompute_ttft_seconds:
+            _say(f"  after restart, {_ttft(second)}")
         _say(f"  hit rate after restart: {second.hit_rate:.3f}")
         if mismatches:
             _say("FAILED: some loaded KV differs from what was computed")
@@ -253,10 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=DemoSettings.turns, help="turns per conversation before the restart")
     parser.add_argument("--conversations", type=int, default=DemoSettings.conversations)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--engine", default="auto", choices=["auto", "toy", "hf"],
+                        help="hf: transformers' Llama (default on a GPU when transformers is installed); toy: byte patterns")
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    return DemoSettings(config=args.config, turns=args.turns, conversations=args.conversations, device=args.device)
+    return DemoSettings(config=args.config, turns=args.turns, conversations=args.conversations, device=args.device,
+                        engine=args.engine)
 
 
 def main(argv: list[str] | None = None) -> int:

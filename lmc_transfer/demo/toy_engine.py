@@ -101,13 +101,15 @@ class ToyShape:
         return self.layers * 2 * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def buffers(self, device: torch.device, seed: int) -> KVBuffers:
-        """Fresh buffers full of random bytes (a new engine's uninitialised memory)."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        """Fresh buffers full of random bytes (a new engine's uninitialised memory), drawn on
+        ``device`` itself (GBs of them for a real model's pool)."""
+        device = torch.device(device)
+        g = torch.Generator(device=device).manual_seed(seed)
         row = self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
         def plane() -> torch.Tensor:
-            raw = torch.randint(0, 256, (self.num_slots, row), dtype=torch.uint8, generator=g)
-            return raw.to(device).view(self.dtype).reshape(self.num_slots, self.heads, self.head_dim)
+            raw = torch.randint(0, 256, (self.num_slots, row), dtype=torch.uint8, generator=g, device=device)
+            return raw.view(self.dtype).reshape(self.num_slots, self.heads, self.head_dim)
 
         return KVBuffers.token_slot([plane() for _ in range(self.layers)], [plane() for _ in range(self.layers)])
 
@@ -124,10 +126,25 @@ class PhaseStats:
     loaded_tokens: int = 0  # came back from the host cache
     load_seconds: float = 0.0
     mismatched_tokens: int = 0
+    # Time to first token (prefill to the first output's logits); engines with a real model only.
+    ttft_seconds: float = 0.0  # as served, reusing what the caches hold
+    recompute_ttft_seconds: float = 0.0  # the same prompts computed from scratch
 
     @property
     def hit_rate(self) -> float:
         return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def alloc_slots(cache: LMCRadixCache, need: int) -> torch.Tensor:
+    """``need`` free KV slots, evicting unlocked tree nodes first if too few are free."""
+    allocator = cache.token_to_kv_pool_allocator
+    short = need - allocator.available_size()
+    if short > 0:
+        cache.evict(short)
+    slots = allocator.alloc(need)
+    if slots is None:
+        raise RuntimeError(f"KV pool too small: {need} slots needed, {allocator.available_size()} free")
+    return slots
 
 
 class ToyEngine:
@@ -170,20 +187,11 @@ class ToyEngine:
         # KV exists for every token but the last output (it has not been fed back yet).
         tokens = list(prompt) + list(output)
         need = len(tokens) - 1 - prefix.numel()
-        slots = self._alloc(need)
+        slots = alloc_slots(self.cache, need)
         self.model.forward(tokens, prefix.numel(), slots)
         req.output_ids = list(output)
         req.req_to_token = torch.cat([prefix, slots])
         cache.cache_finished_req(req)
-
-    def _alloc(self, need: int) -> torch.Tensor:
-        short = need - self.allocator.available_size()
-        if short > 0:
-            self.cache.evict(short)
-        slots = self.allocator.alloc(need)
-        if slots is None:
-            raise RuntimeError(f"KV pool too small: {need} slots needed, {self.allocator.available_size()} free")
-        return slots
 
     def flush_device_tree(self) -> None:
         """Evict everything unlocked (what memory pressure between turns would do)."""
@@ -199,14 +207,18 @@ class Conversation:
 
 
 class Workload:
-    def __init__(self, conversations: int, system_tokens: int, user_tokens: int, output_tokens: int, seed: int = 0):
+    def __init__(self, conversations: int, system_tokens: int, user_tokens: int, output_tokens: int, seed: int = 0,
+                 vocab_size: int = 32000):
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 (token 0 is never drawn), got {vocab_size}")
         self._g = torch.Generator().manual_seed(seed)
+        self._vocab_size = vocab_size
         system = self._tokens(system_tokens)
         self.conversations = [Conversation(c, list(system)) for c in range(conversations)]
         self.user_tokens, self.output_tokens = user_tokens, output_tokens
 
     def _tokens(self, n: int) -> list[int]:
-        return torch.randint(1, 32000, (n,), generator=self._g).tolist()
+        return torch.randint(1, self._vocab_size, (n,), generator=self._g).tolist()
 
     def turns(self) -> Iterator[tuple[Conversation, list[int], list[int]]]:
         """One turn of every conversation: (conversation, prompt, output); history grows."""
