@@ -194,6 +194,11 @@ class LMCTransferConfig:
     remote_ttl_s: float | None = _f(None, _optional(_number(positive=True, maximum=365 * _MAX_SECONDS)))
     max_remote_size: float = _f(0.0, _number(positive=False, maximum=_MAX_STORAGE_GB))  # GB per namespace; 0 = no budget
     remote_queue: int = _f(64, _int(1, 1 << 20))  # chunks waiting for the write-behind
+    remote_connections: int = _f(4, _int(1, 64))  # connections one fetch reads over in parallel
+    # The remote cost rule (lmc_transfer.tiers.remote_cost): a prefix is fetched only when that is
+    # estimated faster than recomputing it at 2 * params FLOP per token on the engine's GPU.
+    remote_recompute_tflops: float = _f(500.0, _number(positive=True, maximum=1e5))  # effective prefill rate of one GPU
+    remote_model_params_b: float | None = _f(None, _optional(_number(positive=True, maximum=1e5)))  # per TP rank; None: from geometry
     remote_username: str | None = _f(None, _optional(_string))
     remote_password: str | None = _f(None, _optional(_string), shown=_hidden)
     remote_tls_ca: str | None = _f(None, _optional(_existing_file))

@@ -34,13 +34,16 @@ pytestmark = [needs_redis_server, pytest.mark.timeout(120)]
 
 LOOKUP_TIMEOUT_S = 0.3  # write_config's lookup_timeout_ms
 REMOTE_TIMEOUT_MS = 100
+#: A model whose every token takes ~30 minutes to recompute: fetching any remote prefix pays.
+SLOW_RECOMPUTE = {"remote_model_params_b": 1000.0, "remote_recompute_tflops": 0.001}
 
 
-def _host(workdir: Path, name: str, server: RedisServer) -> Path:
+def _host(workdir: Path, name: str, server: RedisServer, **overrides) -> Path:
     """The config of one "host": its own directory, socket and (so) segment."""
     directory = workdir / name
     directory.mkdir()
-    return write_config(directory, remote_url=server.url, remote_timeout_ms=REMOTE_TIMEOUT_MS)
+    settings = {"remote_url": server.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS, **SLOW_RECOMPUTE, **overrides}
+    return write_config(directory, **settings)
 
 
 def _redis_chunk_key(seed: int, index: int) -> bytes:
@@ -117,9 +120,33 @@ def test_a_value_copied_under_another_key_is_never_served(workdir, daemons, serv
     b = start_daemon(daemons, _host(workdir, "b", server))
     _check_load(b, 28, 3, hit=0)
     remote = b.stats()["remote"]
-    assert (remote["corrupt_dropped"], remote["filled"], remote["hits"]) == (1, 0, 0)
-    assert r.get(_redis_chunk_key(28, 0)) is None, "the misplaced value is deleted"
+    assert (remote["filled"], remote["hits"]) == (0, 0)
+    # Chunk 0 ends the prefix; the parallel reads of chunks 1 and 2 may have found theirs invalid too.
+    deleted = [r.get(_redis_chunk_key(28, i)) is None for i in range(3)]
+    assert deleted[0], "the misplaced value is deleted"
+    assert remote["corrupt_dropped"] == sum(deleted)
     _check_load(b, 27, 3, hit=3)  # the originals still serve
+    assert b.stop() == 0 and b.leftovers() == []
+
+
+def test_a_remote_prefix_slower_than_recomputing_it_is_skipped_and_counted(workdir, daemons, server):
+    """The test model's geometry (2 layers, 2 KV heads x 8) makes a 2 KiB chunk cost nanoseconds to
+    recompute at the default FLOP rate: no Redis can beat that, so after the first fill's probe
+    (one chunk over one connection) the daemon leaves the rest of the prefix to the engine."""
+    a = start_daemon(daemons, _host(workdir, "a", server))
+    assert engine_store(a.config, 29, 6) == {"committed": 6}
+    assert a.stop() == 0
+    no_cost = {"remote_model_params_b": None, "remote_recompute_tflops": 500.0, "remote_connections": 1}
+    b = start_daemon(daemons, _host(workdir, "b", server, **no_cost))
+    _check_load(b, 29, 6, hit=1)
+    remote = b.stats()["remote"]
+    assert (remote["probes"], remote["filled"], remote["cost_skips"], remote["cost_skipped_chunks"]) == (1, 1, 1, 5)
+    assert remote["est_bytes_per_s"] > 0 and remote["est_latency_s"] > 0
+    exists = server.client().info("commandstats")["cmdstat_exists"]["calls"]
+    _check_load(b, 29, 6, hit=1)  # chunk 0 from L1; the rest skipped without asking Redis
+    remote = b.stats()["remote"]
+    assert (remote["gets"], remote["cost_skips"], remote["cost_skipped_chunks"]) == (1, 2, 5)
+    assert server.client().info("commandstats")["cmdstat_exists"]["calls"] == exists
     assert b.stop() == 0 and b.leftovers() == []
 
 
@@ -185,7 +212,11 @@ def test_ip_stores_on_two_hosts_share_the_remote_tier(server):
     from tests.conftest_mp import SLAB_BYTES
 
     config = LMCTransferConfig(
-        chunk_size=CHUNK, max_local_cpu_size=16 * SLAB_BYTES / 1024**3, remote_url=server.url, remote_timeout_ms=REMOTE_TIMEOUT_MS
+        chunk_size=CHUNK,
+        max_local_cpu_size=16 * SLAB_BYTES / 1024**3,
+        remote_url=server.url,
+        remote_timeout_ms=REMOTE_TIMEOUT_MS,
+        **SLOW_RECOMPUTE,
     )
     src, dst = make_buffers(31), make_buffers(31 + 500)
     keys = prompt_keys(src, tokens_for(31, 3))

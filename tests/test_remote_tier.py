@@ -26,9 +26,13 @@ REQUIRE_REDIS_ENV = "LMC_TRANSFER_REQUIRE_REDIS"
 REDIS_REQUIRED = os.environ.get(REQUIRE_REDIS_ENV) == "1"
 redis = importlib.import_module("redis") if REDIS_REQUIRED else pytest.importorskip("redis")
 
+from lmc_transfer.store.pool import SlabPool  # noqa: E402
 from lmc_transfer.tiers.format import HEADER_BYTES, SlabFormat  # noqa: E402
 from lmc_transfer.tiers.remote import RemoteTier, TLSOptions, _CircuitBreaker  # noqa: E402
+from lmc_transfer.tiers.remote_cost import FetchPolicy, RecomputeModel  # noqa: E402
 from lmc_transfer.tiers.remote_sync import RemoteSync  # noqa: E402
+from tests.redis_proxy import RedisProxy  # noqa: E402
+from tests.test_pool import FakeClock  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis_server = pytest.mark.skipif(
@@ -148,6 +152,19 @@ def _put(tier: RemoteTier, key: bytes, payload: bytes) -> bool:
     return tier.put(key, tier.format.encode(key, payload))
 
 
+def _fetch(tier: RemoteTier, keys: list[bytes], timeout_s: float = 5.0) -> list[bytes]:
+    """The payloads ``fetch_into`` delivered, read into destinations that start as random bytes."""
+    rng = np.random.default_rng(len(keys))
+    dests = [rng.integers(0, 256, tier.format.payload_bytes, dtype=np.uint8) for _ in keys]
+    arrived = tier.fetch_into(keys, dests, time.monotonic() + timeout_s)
+    return [d.tobytes() for d in dests[:arrived]]
+
+
+def always_fetch(tier: RemoteTier) -> FetchPolicy:
+    """A cost rule under which any fetch pays: recomputing a token takes an hour."""
+    return FetchPolicy(RecomputeModel(3600.0), 1, tier.format.value_bytes, probe_chunks=tier.connections)
+
+
 def _chunks(n: int, size: int, seed: int) -> tuple[list[bytes], list[bytes]]:
     rng = random.Random(seed)
     keys = [rng.randbytes(32) for _ in range(n)]
@@ -167,8 +184,7 @@ def test_round_trip_byte_exact(server: RedisServer, tiers: list[RemoteTier]) -> 
     assert tier.longest_prefix(keys) == 4
     assert tier.longest_prefix(keys[1:]) == 3
     assert tier.longest_prefix([keys[4]] + keys[:4]) == 0
-    got = tier.fetch(keys)
-    assert [bytes(g) for g in got] == payloads[:4]
+    assert _fetch(tier, keys) == payloads[:4]
     stored = server.client().get(_redis_key(GEOM_A, keys[0]))
     assert stored == tier.format.encode(keys[0], payloads[0])
     assert len(stored) == HEADER_BYTES + len(payloads[0])
@@ -184,7 +200,7 @@ def test_two_hosts_share_one_redis(server: RedisServer, tiers: list[RemoteTier])
     host_a.close()
     host_b = _tier(tiers, server.url, 65536)
     assert host_b.longest_prefix(keys) == 3
-    assert [bytes(g) for g in host_b.fetch(keys)] == payloads
+    assert _fetch(host_b, keys) == payloads
 
 
 def test_namespace_isolation(server: RedisServer, tiers: list[RemoteTier]) -> None:
@@ -193,8 +209,8 @@ def test_namespace_isolation(server: RedisServer, tiers: list[RemoteTier]) -> No
     b = _tier(tiers, server.url, 100, geometry=GEOM_B)
     assert _put(a, keys[0], payloads[0])
     assert _put(b, keys[0], payloads[1])  # same chunk key, another slab format
-    assert [bytes(g) for g in a.fetch(keys[:1])] == [payloads[0]]
-    assert [bytes(g) for g in b.fetch(keys[:1])] == [payloads[1]]
+    assert _fetch(a, keys[:1]) == [payloads[0]]
+    assert _fetch(b, keys[:1]) == [payloads[1]]
     assert a.longest_prefix(keys[1:]) == 0
 
 
@@ -226,17 +242,46 @@ def test_invalid_value_rejected_counted_deleted(server: RedisServer, tiers: list
     raw = server.client()
     bad_key = _redis_key(GEOM_A, keys[1])
     raw.set(bad_key, _corruptions(raw.get(bad_key), raw.get(_redis_key(GEOM_A, keys[2])))[kind])
-    got = tier.fetch(keys)
-    assert [bytes(g) for g in got] == payloads[:1]
+    assert _fetch(tier, keys) == payloads[:1]
     assert tier.stats().corrupt_dropped == 1
     assert raw.exists(bad_key) == 0
     assert raw.get(_redis_key(GEOM_A, keys[2])) == tier.format.encode(keys[2], payloads[2])
 
 
-def _sync(tier: RemoteTier, num_slabs: int, seed: int, **kw) -> tuple[RemoteSync, np.ndarray, np.ndarray]:
+def _sync(
+    tier: RemoteTier, num_slabs: int, seed: int, *, policy: FetchPolicy | None = None, timeout_s: float = 1.0, **kw
+) -> tuple[RemoteSync, np.ndarray, np.ndarray]:
     data = np.random.default_rng(seed).integers(0, 256, num_slabs * tier.format.payload_bytes, dtype=np.uint8)
     gens = np.ones(num_slabs, dtype=np.uint64)
-    return RemoteSync(tier, data, gens, timeout_s=1.0, **kw), data, gens
+    sync = RemoteSync(tier, data, gens, policy=policy or always_fetch(tier), timeout_s=timeout_s, **kw)
+    return sync, data, gens
+
+
+def _pool(sync: RemoteSync, data: np.ndarray, gens: np.ndarray) -> SlabPool:
+    return SlabPool(data, gens, sync.tier.format.payload_bytes, on_commit=sync.on_commit)
+
+
+def _store_raw(server: RedisServer, tier: RemoteTier, n: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+    """``n`` valid values written straight into Redis (faster than put for large values)."""
+    keys, payloads = _chunks(n, tier.format.payload_bytes, seed)
+    pipe = server.client().pipeline(transaction=False)
+    for k, p in zip(keys, payloads):
+        pipe.set(_redis_key(tier.format.geometry, k), tier.format.encode(k, p))
+    pipe.execute()
+    return keys, payloads
+
+
+def _pool_bytes(pool: SlabPool, keys: list[bytes]) -> list[bytes]:
+    """The committed bytes of the leading run of ``keys`` in ``pool``."""
+    lease = pool.lookup(keys, 10.0)
+    out = [pool.slab(s).tobytes() for s in lease.slab_ids]
+    if lease.num_chunks:
+        pool.release(lease.lease_id)
+    return out
+
+
+def _calls(server: RedisServer, command: str) -> int:
+    return server.client().info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
 
 
 def test_write_behind_queue_full_drops_without_blocking(server: RedisServer, tiers: list[RemoteTier], caplog) -> None:
@@ -274,7 +319,7 @@ def test_write_behind_skips_a_slab_reused_before_its_copy(server: RedisServer, t
     assert sync.flush(5)
     gens[1] += np.uint64(1)  # handed out again after the commit hook queued it (driven directly)
     sync._write((keys[1], 1, int(gens[1]) - 1))
-    assert [bytes(g) for g in tier.fetch(keys)] == [data[:300].tobytes()]
+    assert _fetch(tier, keys) == [data[:300].tobytes()]
     assert sync.stats().stale == 1 and tier.stats().puts == 1
     sync.close()
 
@@ -290,7 +335,7 @@ def test_ttl_applied_and_expires(server: RedisServer, tiers: list[RemoteTier]) -
     assert short.longest_prefix(keys) == 1
     time.sleep(0.5)
     assert short.longest_prefix(keys) == 0
-    assert short.fetch(keys) == []
+    assert _fetch(short, keys) == []
 
 
 def test_namespace_byte_budget_trims_oldest(server: RedisServer, tiers: list[RemoteTier]) -> None:
@@ -307,7 +352,7 @@ def test_namespace_byte_budget_trims_oldest(server: RedisServer, tiers: list[Rem
     assert [raw.exists(_redis_key(GEOM_A, k)) for k in keys] == [0, 0, 1, 1, 1]
     assert int(raw.get(b"lmc:" + GEOM_A.hex().encode() + b":m:bytes")) == 3 * value_bytes
     assert tier.stats().evicted == 2
-    assert [bytes(g) for g in other.fetch(keys[:1])] == payloads[:1]
+    assert _fetch(other, keys[:1]) == payloads[:1]
 
 
 def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers: list[RemoteTier]) -> None:
@@ -320,7 +365,7 @@ def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers
     done = threading.Event()
 
     def fetch() -> None:
-        result.append(tier.fetch(keys))
+        result.append(_fetch(tier, keys))
         done.set()
 
     worker = threading.Thread(target=fetch)
@@ -334,7 +379,7 @@ def test_killed_mid_fetch_returns_miss_within_timeout(server: RedisServer, tiers
     assert result[0] == []  # the kill lands while the 64 MiB reply is being read
     assert (tier.stats().errors, tier.stats().hits) == (1, 0)
     t0 = time.monotonic()
-    assert tier.fetch(keys) == []
+    assert _fetch(tier, keys) == []
     assert tier.longest_prefix(keys) == 0
     assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
 
@@ -351,7 +396,7 @@ def test_hung_server_bounded_by_timeout_then_breaker(server: RedisServer, tiers:
         assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
         assert tier.stats().errors == 1 and tier.stats().breaker_open
         t0 = time.monotonic()
-        assert tier.fetch(keys) == []  # breaker open: no network wait at all
+        assert _fetch(tier, keys) == []  # breaker open: no network wait at all
         assert not _put(tier, keys[0], payloads[0])
         assert time.monotonic() - t0 < 0.05
         assert (tier.stats().skipped, tier.stats().put_errors) == (1, 1)
@@ -379,7 +424,7 @@ def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: l
     s = tier.stats()
     assert s.puts + s.put_errors == 6 and s.put_errors >= 1
     assert tier.longest_prefix(keys) == 0
-    assert tier.fetch(keys) == []
+    assert _fetch(tier, keys) == []
 
     server.start()  # same port, empty data set (no persistence)
     deadline = time.monotonic() + 5
@@ -390,7 +435,7 @@ def test_killed_mid_write_then_recovers_on_restart(server: RedisServer, tiers: l
     for i, k in enumerate(keys[:2]):
         sync.on_commit(k, i)
     assert sync.flush(5)
-    assert [bytes(g) for g in tier.fetch(keys)] == [data[: 4 << 20].tobytes(), data[4 << 20 : 8 << 20].tobytes()]
+    assert _fetch(tier, keys) == [data[: 4 << 20].tobytes(), data[4 << 20 : 8 << 20].tobytes()]
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "unavailable" in messages[0] and messages[1].endswith("answers again"), messages
     sync.close()
@@ -412,7 +457,7 @@ def test_server_down_at_start_degrades_then_connects(tmp_path: Path, tiers: list
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert _put(tier, keys[0], payloads[0])
-        assert [bytes(g) for g in tier.fetch(keys)] == payloads
+        assert _fetch(tier, keys) == payloads
     finally:
         srv.stop()
 
@@ -436,7 +481,7 @@ def test_cluster_url(tmp_path: Path, tiers: list[RemoteTier]) -> None:
         for k, p in zip(keys, payloads):
             assert _put(tier, k, p)
         assert tier.longest_prefix(keys[1:]) == 2
-        assert [bytes(g) for g in tier.fetch(keys[1:])] == payloads[1:]
+        assert _fetch(tier, keys[1:]) == payloads[1:]
         assert tier.longest_prefix(keys) == 0  # the oldest was trimmed by the budget
         assert tier.stats().errors == 0
     finally:
@@ -457,7 +502,16 @@ def test_invalid_arguments() -> None:
         with pytest.raises(TypeError, match="keys\\[1\\] must be 32 bytes"):
             tier.longest_prefix([bytes(32), "k"])
         with pytest.raises(TypeError, match="keys\\[0\\] must be 32 bytes"):
-            tier.fetch([b"k"])
+            tier.fetch_into([b"k"], [bytearray(10)], time.monotonic() + 1)
+        with pytest.raises(ValueError, match="destinations\\[1\\]: expected a writable C-contiguous buffer of 10 bytes, "
+                           "got a read-only buffer of 10 bytes"):
+            tier.fetch_into([bytes(32)] * 2, [bytearray(10), bytes(10)], time.monotonic() + 1)
+        with pytest.raises(ValueError, match="destinations\\[0\\]: .* got a writable buffer of 9 bytes"):
+            tier.fetch_into([bytes(32)], [bytearray(9)], time.monotonic() + 1)
+        with pytest.raises(ValueError, match="destinations: expected one per key \\(2\\), got 1"):
+            tier.fetch_into([bytes(32)] * 2, [bytearray(10)], time.monotonic() + 1)
+        with pytest.raises(ValueError, match="connections: expected an int >= 1, got 0"):
+            RemoteTier("redis://127.0.0.1:1/0", fmt, connections=0)
         with pytest.raises(ValueError, match="value: expected 114 bytes from slab_format.encode"):
             tier.put(bytes(32), b"x" * 10)
     finally:
@@ -479,3 +533,166 @@ def test_breaker_backoff_doubles_to_cap_and_resets() -> None:
     assert breaker.seconds_to_probe() is None
     breaker.trip()
     assert breaker.seconds_to_probe() == 0.5
+
+
+# --------------------------------------------------------------- parallel fetch into slabs
+
+
+def test_replies_the_tier_does_not_read_itself_go_through_hiredis(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    from redis._parsers import _HiredisParser
+
+    tier = _tier(tiers, server.url, 64)
+    assert tier.longest_prefix([bytes(32)]) == 0
+    conn = tier._get_client().connection_pool.get_connection()
+    try:
+        assert isinstance(conn._parser, _HiredisParser)
+    finally:
+        tier._get_client().connection_pool.release(conn)
+
+
+def test_parallel_fetch_is_byte_exact(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    size = 3 * 65536 + 13  # no multiple of any socket read
+    tier = _tier(tiers, server.url, size, connections=4)
+    keys, payloads = _store_raw(server, tier, 11, seed=20)  # 11 keys: runs of 3, 3, 3 and 2
+    for n in (11, 4, 1):
+        assert _fetch(tier, keys[:n]) == payloads[:n]
+    missing = _chunks(1, size, seed=21)[0]
+    assert _fetch(tier, keys[:5] + missing + keys[5:]) == payloads[:5]
+    s = tier.stats()
+    assert (s.gets, s.hits, s.fetched_bytes, s.errors, s.corrupt_dropped) == (28, 21, 21 * size, 0, 0)
+    assert _calls(server, "get") == 28
+
+
+def test_fetch_reads_over_one_connection_per_run(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    # Slowed to 4 MB/s per connection so the four runs surely overlap and need four connections.
+    proxy = RedisProxy(server.port, bytes_per_s=4e6)
+    try:
+        tier = _tier(tiers, proxy.url, 65536, connections=4, timeout_s=2.0)
+        keys, payloads = _store_raw(server, tier, 8, seed=22)
+        assert _fetch(tier, keys) == payloads
+        assert proxy.connections == 4
+        assert tier.throughput().bytes_per_s < 4 * 4e6 * 1.05
+    finally:
+        proxy.stop()
+
+
+def test_fetch_over_two_cluster_shards(tmp_path: Path, tiers: list[RemoteTier]) -> None:
+    nodes = [
+        RedisServer(d, ("--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf")), bus_offset=CLUSTER_BUS_OFFSET)
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    try:
+        for node, slots in zip(nodes, ((0, 8191), (8192, 16383))):
+            node.workdir.mkdir()
+            node.start()
+            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", *slots)
+        nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[1].port)
+        deadline = time.monotonic() + 20
+        while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in nodes):
+            assert time.monotonic() < deadline, "the two-node cluster did not form"
+            time.sleep(0.05)
+        tier = _tier(tiers, f"redis+cluster://127.0.0.1:{nodes[0].port}", 4096, connections=4)
+        keys, payloads = _chunks(16, 4096, seed=23)
+        for k, p in zip(keys, payloads):
+            assert _put(tier, k, p)
+        assert _fetch(tier, keys) == payloads
+        per_node = [_calls(n, "get") for n in nodes]
+        assert sum(per_node) == 16 and min(per_node) > 0, per_node
+        assert tier.stats().errors == 0
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def _all_in_one_probe(tier: RemoteTier, n: int) -> FetchPolicy:
+    """Fetches pay, and the first fill fetches all ``n`` keys at once (runs of n / connections)."""
+    return FetchPolicy(RecomputeModel(3600.0), 1, tier.format.value_bytes, probe_chunks=n)
+
+
+@pytest.mark.parametrize("failure", ["cut", "stall"])
+def test_one_connection_failing_mid_fetch_is_a_bounded_miss_never_wrong_bytes(
+    server: RedisServer, tiers: list[RemoteTier], failure: str
+) -> None:
+    size = 1 << 20
+    # Each of 4 connections reads a run of 2 values; the first to pass 1.5 values' bytes fails.
+    limit = {"cut_after" if failure == "cut" else "stall_after": HEADER_BYTES + size + size // 2}
+    proxy = RedisProxy(server.port, **limit)
+    try:
+        tier = _tier(tiers, proxy.url, size, connections=4)
+        sync, data, gens = _sync(tier, 8, seed=24, policy=_all_in_one_probe(tier, 8), timeout_s=TIMEOUT_S)
+        pool = _pool(sync, data, gens)
+        keys, payloads = _store_raw(server, tier, 8, seed=24)
+        t0 = time.monotonic()
+        filled = sync.fill(pool, keys, 10.0)
+        assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+        assert proxy.fired
+        # The failed run ends the prefix at its second key; the runs before it arrived whole.
+        assert filled in (1, 3, 5, 7), filled
+        assert _pool_bytes(pool, keys) == payloads[:filled]
+        assert not any(pool.contains(k) for k in keys[filled:]), "a slab that did not arrive whole is never committed"
+        assert pool.stats().used_slabs == filled
+        s = tier.stats()
+        assert (s.hits, s.errors, s.corrupt_dropped, s.breaker_open) == (filled, 1, 0, True)
+        sync.close()
+    finally:
+        proxy.stop()
+
+
+# -------------------------------------------------------------------------- the cost rule
+
+#: What recomputing one chunk costs in the cost-rule tests.
+CHUNK_RECOMPUTE_S = 0.020
+
+
+def _cost_policy(tier: RemoteTier, clock: FakeClock) -> FetchPolicy:
+    return FetchPolicy(
+        RecomputeModel(CHUNK_RECOMPUTE_S), 1, tier.format.value_bytes, probe_chunks=tier.connections,
+        probe_interval_s=60.0, clock=clock,
+    )
+
+
+def test_cost_rule_skips_a_tier_slower_than_recompute_and_counts(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    size = 65536
+    # 256 KiB/s per connection, 1 MiB/s over four: a chunk takes ~60 ms, recomputing it 20 ms.
+    proxy = RedisProxy(server.port, bytes_per_s=256 * 1024)
+    try:
+        tier = _tier(tiers, proxy.url, size, connections=4, timeout_s=2.0)
+        clock = FakeClock()
+        sync, data, gens = _sync(tier, 16, seed=25, policy=_cost_policy(tier, clock), timeout_s=3.0)
+        pool = _pool(sync, data, gens)
+        keys, payloads = _store_raw(server, tier, 12, seed=25)
+
+        assert sync.fill(pool, keys, 10.0) == 4  # no estimate yet: a probe, one chunk per connection
+        s = sync.stats()
+        assert (s.filled, s.probes, s.cost_skips, s.cost_skipped_chunks) == (4, 1, 1, 8)
+        assert tier.throughput().bytes_per_s < size / CHUNK_RECOMPUTE_S
+        assert _pool_bytes(pool, keys) == payloads[:4]
+
+        exists, gets = _calls(server, "exists"), _calls(server, "get")
+        assert sync.fill(pool, keys[4:], 10.0) == 0  # no prefix can pay: not even the existence check
+        assert (_calls(server, "exists"), _calls(server, "get")) == (exists, gets)
+        assert sync.stats().cost_skips == 2
+
+        clock.now += 60.0  # the estimate is stale: the next fill measures again
+        assert sync.fill(pool, keys[4:], 10.0) == 4
+        s = sync.stats()
+        assert (s.filled, s.probes, s.cost_skips, s.cost_skipped_chunks) == (8, 2, 3, 12)
+        assert _pool_bytes(pool, keys) == payloads[:8]
+        sync.close()
+    finally:
+        proxy.stop()
+
+
+def test_cost_rule_fetches_a_tier_faster_than_recompute(server: RedisServer, tiers: list[RemoteTier]) -> None:
+    size = 65536
+    tier = _tier(tiers, server.url, size, connections=4, timeout_s=2.0)
+    sync, data, gens = _sync(tier, 16, seed=26, policy=_cost_policy(tier, FakeClock()), timeout_s=3.0)
+    pool = _pool(sync, data, gens)
+    keys, payloads = _store_raw(server, tier, 12, seed=26)
+    assert sync.fill(pool, keys, 10.0) == 12  # the probe's 4, then the other 8 because they pay
+    s = sync.stats()
+    assert (s.filled, s.probes, s.cost_skips, s.cost_skipped_chunks) == (12, 1, 0, 0)
+    assert tier.throughput().bytes_per_s > size / CHUNK_RECOMPUTE_S
+    assert _pool_bytes(pool, keys) == payloads
+    assert _calls(server, "get") == 12
+    sync.close()

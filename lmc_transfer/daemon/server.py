@@ -90,7 +90,7 @@ from lmc_transfer.store.base import Lease
 from lmc_transfer.store.pool import SlabPool
 from lmc_transfer.tiers.disk import DiskTier, check_root
 from lmc_transfer.tiers.format import SlabFormat, geometry_digest
-from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
+from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_sync
 
 log = logging.getLogger("lmc_transfer.daemon.server")
 
@@ -390,13 +390,7 @@ class CacheDaemon:
                     sync_interval_s=self.config.disk_flush_interval_s,
                 )
             if self.config.remote_url is not None:
-                remote = RemoteSync(
-                    build_remote_tier(self.config, slab_format),
-                    segment.data,
-                    segment.generations,
-                    timeout_s=self.config.remote_timeout_ms / 1000,
-                    max_queue=self.config.remote_queue,
-                )
+                remote = build_remote_sync(self.config, geometry, slab_format, segment.data, segment.generations)
             hooks = []
             if disk is not None:
                 hooks.append(disk.submit)

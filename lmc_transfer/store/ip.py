@@ -30,7 +30,7 @@ import torch
 from lmc_transfer.tiers.format import SlabFormat, geometry_digest
 from lmc_transfer.kernels import KVBuffers
 from lmc_transfer.store.pool import SlabPool
-from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_tier
+from lmc_transfer.tiers.remote_sync import RemoteSync, build_remote_sync
 from lmc_transfer.store.base import (
     CacheStore,
     Lease,
@@ -84,13 +84,7 @@ class IPStore(CacheStore):
         self._fill_lock = threading.Lock()
         if config.remote_url is not None:
             slab_format = SlabFormat(geometry_digest(buffers.geometry, self.chunk_size), slab_bytes)
-            self._remote = RemoteSync(
-                build_remote_tier(config, slab_format),
-                data,
-                generations,
-                timeout_s=config.remote_timeout_ms / 1000,
-                max_queue=config.remote_queue,
-            )
+            self._remote = build_remote_sync(config, buffers.geometry, slab_format, data, generations)
             self._filler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-remote-fill")
         self._pool: SlabPool | None = SlabPool(
             data, generations, slab_bytes, clock=clock, on_commit=self._remote.on_commit if self._remote is not None else None

@@ -40,6 +40,15 @@ breaker when it answers. Opening and closing are logged at WARNING, once each.
 Each socket operation is bounded by ``timeout_s``, and the client never retries on
 its own.
 
+Fetches (``fetch_into``) read values straight into the caller's slabs
+(lmc_transfer.tiers.remote_read), over ``connections`` pooled connections in parallel: the keys
+are cut into contiguous runs, one per connection (in cluster mode first grouped by the shard
+that owns them, each shard's keys cut the same way). A connection that fails or stalls ends
+its run there; the runs before it still count, and the fetch ends by its deadline.
+
+Every round trip and fetch is measured (lmc_transfer.tiers.remote_cost.ThroughputMeter), so
+callers can estimate what fetching a prefix will cost before they ask for it (``throughput``).
+
 URLs: ``redis://[user:pass@]host:port/db``, ``rediss://`` for TLS,
 ``unix:///path.sock``; ``redis+cluster://host:port`` (or ``rediss+cluster://``)
 selects Redis Cluster / Valkey cluster through redis-py's ``RedisCluster``,
@@ -53,6 +62,7 @@ import logging
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -62,7 +72,9 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from lmc_transfer.keys import check_keys
-from lmc_transfer.tiers.format import HEADER_BYTES, SlabFormat, Verdict
+from lmc_transfer.tiers.format import SlabFormat
+from lmc_transfer.tiers.remote_cost import Throughput, ThroughputMeter
+from lmc_transfer.tiers.remote_read import Reply, SocketReader
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +98,16 @@ class TLSOptions:
 class RemoteTierStats:
     puts: int  # values written
     put_errors: int  # writes lost to a remote failure or an open breaker
-    gets: int  # keys asked of fetch()
-    hits: int  # valid payloads returned by fetch()
+    gets: int  # keys asked of fetch_into()
+    hits: int  # valid payloads fetch_into() delivered (the leading run it returned)
+    fetched_bytes: int  # payload bytes of those hits
     corrupt_dropped: int  # invalid values found, deleted and not returned
     errors: int  # lookups/fetches that failed remotely and answered a miss
     skipped: int  # lookups/fetches answered a miss at once because the breaker was open
     evicted: int  # values deleted to keep the namespace under its byte budget
     breaker_open: bool
+    est_bytes_per_s: float | None  # measured fetch bandwidth (moving average); None before a fetch
+    est_latency_s: float | None  # measured round-trip latency (moving average)
 
 
 class _CircuitBreaker:
@@ -155,6 +170,7 @@ class RemoteTier:
         tls: TLSOptions | None = None,
         backoff_initial_s: float = 0.25,
         backoff_max_s: float = 5.0,
+        connections: int = 4,
     ) -> None:
         if not isinstance(url, str):
             raise TypeError(f"url: expected str, got {type(url).__name__}")
@@ -170,11 +186,15 @@ class RemoteTier:
             raise ValueError(
                 f"backoff_initial_s/backoff_max_s: expected 0 < initial <= max, got {backoff_initial_s!r}/{backoff_max_s!r}"
             )
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections: expected an int >= 1, got {connections!r}")
         if tls is not None and not url.startswith(("rediss://", "rediss+cluster://")):
             # Never the URL itself: it may carry a password.
             raise ValueError(f"tls: needs a rediss:// or rediss+cluster:// url, got one with scheme {url.partition('://')[0]!r}")
         self.format = slab_format
+        self.connections = connections
         self._url = url
+        self._timeout_s = timeout_s
         self._client_kwargs = _client_kwargs(timeout_s, username, password, tls)
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._budget = max_namespace_bytes
@@ -186,9 +206,14 @@ class RemoteTier:
 
         self._lock = threading.Lock()  # counters, client creation
         self._counts = dict.fromkeys(
-            ("puts", "put_errors", "gets", "hits", "corrupt_dropped", "errors", "skipped", "evicted"), 0
+            ("puts", "put_errors", "gets", "hits", "fetched_bytes", "corrupt_dropped", "errors", "skipped", "evicted"), 0
         )
         self._breaker = _CircuitBreaker(backoff_initial_s, backoff_max_s, time.monotonic)
+        self._meter = ThroughputMeter()
+        # The calling thread reads one run of keys itself; these threads read the others.
+        self._readers = (
+            ThreadPoolExecutor(connections - 1, thread_name_prefix="lmct-remote-fetch") if connections > 1 else None
+        )
         self._client: redis.Redis | RedisCluster | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -229,9 +254,11 @@ class RemoteTier:
         keys = check_keys(keys)
         if not keys:
             return 0
+        start = time.monotonic()
         replies = self._round_trip(lambda pipe: [pipe.exists(self._chunk_key(k)) for k in keys])
         if replies is None:
             return 0
+        self._meter.observe_round_trip(time.monotonic() - start)
         count = 0
         for present in replies:
             if not present:
@@ -239,35 +266,69 @@ class RemoteTier:
             count += 1
         return count
 
-    def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
-        """The valid payloads of the leading ``keys`` (one pipelined round trip).
+    def fetch_into(self, keys: Sequence[bytes], destinations: Sequence[object], deadline: float) -> int:
+        """Read the values of ``keys`` into ``destinations`` (one writable, C-contiguous buffer of
+        ``slab_format.payload_bytes`` per key); returns how many leading keys arrived valid.
 
-        Stops at the first missing or invalid value; invalid values (corrupt, of another format,
-        or written for another key) are deleted and counted. Payloads are read-only views into
-        the received values.
+        Only ``destinations[:returned]`` hold their key's payload; the others may hold anything
+        (parts of a value, a value that failed its checksum) and must not be used. Invalid values
+        (corrupt, of another format, or written for another key) are deleted and counted. Ends by
+        ``deadline`` (``time.monotonic()``): what has not arrived by then is a miss.
         """
         keys = check_keys(keys)
+        views = [self._destination(i, d) for i, d in enumerate(destinations)]
+        if len(views) != len(keys):
+            raise ValueError(f"destinations: expected one per key ({len(keys)}), got {len(views)}")
         if not keys:
-            return []
+            return 0
         self._count("gets", len(keys))
-        values = self._round_trip(lambda pipe: [pipe.get(self._chunk_key(k)) for k in keys])
-        if values is None:
-            return []
-        payloads: list[memoryview] = []
-        for key, value in zip(keys, values):
-            if value is None:
-                break
-            if self.format.check_value(key, value) is not Verdict.OK:
-                self._count("corrupt_dropped", 1)
-                self._round_trip(lambda pipe: [pipe.delete(self._chunk_key(key))])
-                break
-            payloads.append(memoryview(value)[HEADER_BYTES:])
-        self._count("hits", len(payloads))
-        return payloads
+        if self._breaker.is_open or self._closed.is_set():
+            self._count("skipped", 1)
+            return 0
+        names = [self._chunk_key(k) for k in keys]
+        run = _FetchRun(len(keys))
+        start = time.monotonic()
+        try:
+            jobs = self._fetch_jobs(self._get_client(), names)
+        except _REMOTE_ERRORS as exc:
+            run.fail(0, exc)
+            jobs = []
+        if self._readers is None:
+            for job in jobs:
+                self._read_run(*job, names, keys, views, deadline, run)
+        elif jobs:
+            others = [self._readers.submit(self._read_run, *job, names, keys, views, deadline, run) for job in jobs[1:]]
+            self._read_run(*jobs[0], names, keys, views, deadline, run)
+            for future in others:
+                future.result()
+        now = time.monotonic()
+        # A fetch that stopped early at a missing key moved too little to say anything about bandwidth;
+        # one that ran out of time did: it is how slow the tier is.
+        if run.received >= self.format.value_bytes or now >= deadline:
+            self._meter.observe_transfer(run.received, now - start)
+        if run.invalid:
+            self._count("corrupt_dropped", len(run.invalid))
+            self._round_trip(lambda pipe: [pipe.delete(names[i]) for i in run.invalid])
+        if run.error is not None:
+            self._count("errors", 1)
+            self._fail(run.error)
+        self._count("hits", run.first_bad)
+        self._count("fetched_bytes", run.first_bad * self.format.payload_bytes)
+        return run.first_bad
+
+    def throughput(self) -> Throughput | None:
+        """What the tier delivered lately (moving averages); None before its first fetch."""
+        return self._meter.estimate()
 
     def stats(self) -> RemoteTierStats:
+        estimate = self._meter.estimate()
         with self._lock:
-            return RemoteTierStats(**self._counts, breaker_open=self._breaker.is_open)
+            return RemoteTierStats(
+                **self._counts,
+                breaker_open=self._breaker.is_open,
+                est_bytes_per_s=None if estimate is None else estimate.bytes_per_s,
+                est_latency_s=None if estimate is None else estimate.latency_s,
+            )
 
     def close(self) -> None:
         """Stop the monitor thread and drop the connections; idempotent."""
@@ -276,6 +337,8 @@ class RemoteTier:
         self._closed.set()
         self._wake.set()
         self._monitor.join()
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)  # every read ends by its fetch's deadline
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -291,6 +354,71 @@ class RemoteTier:
 
     def _chunk_key(self, key: bytes) -> bytes:
         return self._chunk_prefix + key
+
+    def _destination(self, index: int, buffer: object) -> memoryview:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+        if view.readonly or not view.c_contiguous or view.nbytes != self.format.payload_bytes:
+            raise ValueError(
+                f"destinations[{index}]: expected a writable C-contiguous buffer of {self.format.payload_bytes} bytes, "
+                f"got {'a read-only' if view.readonly else 'a writable'} buffer of {view.nbytes} bytes"
+                f"{'' if view.c_contiguous else ' (not contiguous)'}"
+            )
+        return view.cast("B")
+
+    def _fetch_jobs(self, client: redis.Redis | RedisCluster, names: list[bytes]) -> list[tuple[object, list[int]]]:
+        """(connection pool, positions of ``names``) per connection: contiguous runs of the keys
+        (cluster: of each shard's keys), at most ``connections`` in all unless shards outnumber them."""
+        if isinstance(client, RedisCluster):
+            shards: dict[str, tuple[object, list[int]]] = {}
+            for i, name in enumerate(names):
+                node = client.get_node_from_key(name)
+                shards.setdefault(node.name, (client.get_redis_connection(node).connection_pool, []))[1].append(i)
+            groups = list(shards.values())
+        else:
+            groups = [(client.connection_pool, list(range(len(names))))]
+        per_group = max(1, self.connections // len(groups))
+        return [(pool, run) for pool, positions in groups for run in _split(positions, per_group)]
+
+    def _read_run(
+        self,
+        pool: redis.ConnectionPool,
+        positions: list[int],
+        names: list[bytes],
+        keys: list[bytes],
+        views: list[memoryview],
+        deadline: float,
+        run: _FetchRun,
+    ) -> None:
+        """GET ``positions`` over one pooled connection and read the replies into their views,
+        stopping at the first that is not a valid value or lies past another run's failure."""
+        read = 0
+        reader: SocketReader | None = None
+        try:
+            conn = pool.get_connection()
+        except _REMOTE_ERRORS as exc:
+            run.fail(positions[0], exc)
+            return
+        try:
+            conn.send_packed_command(conn.pack_commands([("GET", names[i]) for i in positions]))
+            reader = SocketReader(conn._sock, deadline, self._timeout_s)
+            for i in positions:
+                if run.past_failure(i):
+                    break
+                reply = reader.value_into(keys[i], self.format, views[i])
+                if reply is not Reply.VALUE:
+                    run.stop(i, invalid=reply is Reply.INVALID)
+                    break
+                read += 1
+        except _REMOTE_ERRORS as exc:
+            run.fail(positions[read], exc)
+        finally:
+            if reader is not None:
+                run.add_received(reader.received)
+            if reader is None or read < len(positions) or not reader.in_sync:
+                conn.disconnect()  # replies left unread: never hand it back dirty
+            else:
+                conn._sock.settimeout(conn.socket_timeout)
+            pool.release(conn)
 
     def _count(self, name: str, n: int) -> None:
         with self._lock:
@@ -377,10 +505,55 @@ class RemoteTier:
                     log.warning("remote tier (namespace %s) answers again", self._namespace)
 
 
+class _FetchRun:
+    """What the parallel reads of one fetch found: ``first_bad`` is the position of the first key
+    that did not arrive valid (the number of keys when all did)."""
+
+    def __init__(self, num_keys: int) -> None:
+        self._lock = threading.Lock()
+        self.first_bad = num_keys
+        self.invalid: list[int] = []
+        self.received = 0
+        self.error: BaseException | None = None
+
+    def past_failure(self, position: int) -> bool:
+        with self._lock:
+            return position > self.first_bad
+
+    def stop(self, position: int, *, invalid: bool) -> None:
+        with self._lock:
+            self.first_bad = min(self.first_bad, position)
+            if invalid:
+                self.invalid.append(position)
+
+    def fail(self, position: int, exc: BaseException) -> None:
+        with self._lock:
+            self.first_bad = min(self.first_bad, position)
+            if self.error is None:
+                self.error = exc
+
+    def add_received(self, nbytes: int) -> None:
+        with self._lock:
+            self.received += nbytes
+
+
+def _split(positions: list[int], parts: int) -> list[list[int]]:
+    """``positions`` cut into at most ``parts`` contiguous, non-empty runs of near-equal length."""
+    parts = min(parts, len(positions))
+    size, extra = divmod(len(positions), parts)
+    runs, start = [], 0
+    for p in range(parts):
+        end = start + size + (p < extra)
+        runs.append(positions[start:end])
+        start = end
+    return runs
+
+
 def _client_kwargs(timeout_s: float, username: str | None, password: str | None, tls: TLSOptions | None) -> dict:
     # No client-side retries: the breaker decides when to try again, and a retry
     # would multiply the time a caller waits on a dead server.
     kwargs: dict = {
+        "protocol": 2,  # remote_read parses RESP2 replies itself
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),

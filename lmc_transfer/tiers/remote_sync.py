@@ -11,10 +11,13 @@ geometry digest) only has to separate slab formats.
   moved meanwhile (the slab was reused) and ``put``s it. Chunks that ``fill`` just
   brought in from the remote are not written back.
 - ``fill(pool, keys, ttl_s)`` asks the remote for the longest prefix of ``keys``
-  (one pipelined round trip), fetches the hits in batches and copies each into a
-  freshly reserved slab, which it commits. It stops at the first miss, invalid
-  value, full pool or remote failure, and once ``timeout_s`` has passed; a
-  failure is a shorter fill, never an error.
+  (one pipelined round trip) and fetches as much of it as pays for itself
+  (lmc_transfer.tiers.remote_cost: never when recomputing those tokens is estimated
+  to be faster; skips are counted): it reserves a slab per chunk and the tier reads
+  the values straight into them, over several connections at once. Chunks that
+  arrived valid are committed, the rest aborted. It stops at the first miss,
+  invalid value, full pool or remote failure, and once ``timeout_s`` has passed; a
+  failure is a shorter fill, never an error, and never a slab with wrong bytes.
 
 This module imports neither torch nor redis (``build_remote_tier`` imports redis).
 """
@@ -29,15 +32,16 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from lmc_transfer.config import LMCTransferConfig
+from lmc_transfer.kernels.geometry import KVGeometry
+from lmc_transfer.store.base import Reservation
 from lmc_transfer.store.pool import SlabPool
 from lmc_transfer.tiers.format import SlabFormat
+from lmc_transfer.tiers.remote_cost import FetchPolicy, RecomputeModel, estimate_params
 from lmc_transfer.tiers.writeback import WriteBehind
 
 if TYPE_CHECKING:
     from lmc_transfer.tiers.remote import RemoteTier
 
-#: Bytes fetched per pipelined GET batch: bounds the memory a fill holds at once.
-FETCH_BATCH_BYTES = 64 << 20
 #: On close, how long the write in progress may take (each is bounded by the tier's timeouts).
 _CLOSE_JOIN_S = 5.0
 
@@ -45,6 +49,9 @@ _CLOSE_JOIN_S = 5.0
 @dataclass(frozen=True)
 class RemoteSyncStats:
     filled: int  # chunks copied from the remote tier into slabs (invalid values never get here)
+    cost_skips: int  # fills that fetched nothing (more) because recomputing was estimated faster
+    cost_skipped_chunks: int  # chunks the remote held that those fills left to recompute
+    probes: int  # fetches made to measure the tier (no estimate yet, or the last one stale)
     queued: int  # commits handed to the write-behind
     skipped_refill: int  # commits not written back because they came from the remote
     stale: int  # write-behind copies dropped because the slab was reused meanwhile
@@ -70,6 +77,24 @@ def build_remote_tier(config: LMCTransferConfig, slab_format: SlabFormat) -> Rem
         username=config.remote_username,
         password=config.remote_password,
         tls=tls,
+        connections=config.remote_connections,
+    )
+
+
+def build_remote_sync(
+    config: LMCTransferConfig, geometry: KVGeometry, slab_format: SlabFormat, data: np.ndarray, generations: np.ndarray
+) -> RemoteSync:
+    """The RemoteSync of a pool over ``data``/``generations``, with its tier and cost rule from the config."""
+    params = estimate_params(geometry) if config.remote_model_params_b is None else config.remote_model_params_b * 1e9
+    tier = build_remote_tier(config, slab_format)
+    policy = FetchPolicy(
+        RecomputeModel.from_flops(params, config.remote_recompute_tflops * 1e12),
+        config.chunk_size,
+        slab_format.value_bytes,
+        probe_chunks=tier.connections,
+    )
+    return RemoteSync(
+        tier, data, generations, policy=policy, timeout_s=config.remote_timeout_ms / 1000, max_queue=config.remote_queue
     )
 
 
@@ -85,6 +110,7 @@ class RemoteSync:
         data: np.ndarray,
         generations: np.ndarray,
         *,
+        policy: FetchPolicy,
         timeout_s: float,
         max_queue: int = 64,
     ) -> None:
@@ -96,9 +122,10 @@ class RemoteSync:
         self._data = data
         self._gens = generations
         self._timeout_s = timeout_s
+        self._policy = policy
         self._from_remote: set[bytes] = set()
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(("filled", "skipped_refill", "stale"), 0)
+        self._counts = dict.fromkeys(("filled", "cost_skips", "cost_skipped_chunks", "probes", "skipped_refill", "stale"), 0)
         self._writes: WriteBehind[tuple[bytes, int, int]] = WriteBehind(
             "remote-tier", self._write, max_items=max_queue
         )
@@ -128,39 +155,74 @@ class RemoteSync:
     # -- fill ------------------------------------------------------------------
 
     def fill(self, pool: SlabPool, keys: Sequence[bytes], ttl_s: float, *, deadline: float | None = None) -> int:
-        """Bring the remote's leading run of ``keys`` into ``pool``; returns how many were copied.
-        Stops after ``timeout_s``, or at ``deadline`` (``time.monotonic()``) if that comes first."""
+        """Bring the remote's leading run of ``keys`` into ``pool`` where that pays; returns how many
+        chunks were copied. Stops after ``timeout_s``, or at ``deadline`` (``time.monotonic()``)
+        if that comes first."""
         own = time.monotonic() + self._timeout_s
         deadline = own if deadline is None else min(own, deadline)
+        keys = list(keys)
+        if not self._policy.worth_asking(self.tier.throughput()):
+            self._count("cost_skips")
+            return 0
         present = self.tier.longest_prefix(keys)
-        batch = max(1, FETCH_BATCH_BYTES // self._slab_bytes)
-        filled = 0
-        for start in range(0, present, batch):
-            if time.monotonic() >= deadline:
+        filled = start = 0
+        while start < present:
+            time_left = deadline - time.monotonic()
+            if time_left <= 0:
                 break
-            part = list(keys[start : min(start + batch, present)])
-            payloads = self.tier.fetch(part)
-            for key, payload in zip(part, payloads):
+            plan = self._policy.plan(present - start, self.tier.throughput(), time_left)
+            if plan.chunks == 0:
+                self._count("cost_skips")
+                self._count("cost_skipped_chunks", present - start)
+                break
+            if plan.probe:
+                self._count("probes")
+            copied, complete = self._fetch(pool, keys[start : start + plan.chunks], ttl_s, deadline)
+            filled += copied
+            if not complete:
+                break
+            start += plan.chunks
+        return self._done(filled)
+
+    def _fetch(self, pool: SlabPool, keys: list[bytes], ttl_s: float, deadline: float) -> tuple[int, bool]:
+        """Reserve a slab for each of ``keys`` that ``pool`` lacks, have the tier read the values
+        into them, commit those that arrived valid: (chunks committed, whether all of ``keys`` are
+        in the pool now)."""
+        wanted: list[tuple[bytes, Reservation]] = []
+        complete = True
+        try:
+            for key in keys:
                 if pool.contains(key):
                     continue
                 res = pool.reserve([key], ttl_s)
-                if res.num_chunks == 0:
-                    return self._done(filled)  # full of pinned slabs, or another client is writing it
-                try:
-                    self._slab(res.slab_ids[0])[:] = np.frombuffer(payload, dtype=np.uint8)
-                except BaseException:
-                    pool.abort(res.reservation_id)
-                    raise
-                with self._lock:
-                    self._from_remote.add(key)
-                if pool.commit(res.reservation_id) == 0:
-                    with self._lock:
-                        self._from_remote.discard(key)
-                    return self._done(filled)
-                filled += 1
-            if len(payloads) < len(part):
-                break
-        return self._done(filled)
+                if res.num_chunks == 0:  # full of pinned slabs, or another client is writing it
+                    complete = False
+                    break
+                wanted.append((key, res))
+            arrived = self.tier.fetch_into(
+                [key for key, _ in wanted], [self._slab(res.slab_ids[0]) for _, res in wanted], deadline
+            ) if wanted else 0
+        except BaseException:
+            for _, res in wanted:
+                pool.abort(res.reservation_id)
+            raise
+        committed = 0
+        for i, (key, res) in enumerate(wanted):
+            # Contiguous from the first: after one that did not arrive or commit, the prefix has ended.
+            if i == committed < arrived and self._commit(pool, key, res):
+                committed += 1
+            else:
+                pool.abort(res.reservation_id)  # its bytes are never served
+        return committed, complete and committed == len(wanted)
+
+    def _commit(self, pool: SlabPool, key: bytes, res: Reservation) -> bool:
+        with self._lock:
+            self._from_remote.add(key)
+        if pool.commit(res.reservation_id):
+            return True
+        with self._lock:
+            self._from_remote.discard(key)
+        return False
 
     def _done(self, filled: int) -> int:
         self._count("filled", filled)
