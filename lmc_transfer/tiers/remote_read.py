@@ -1,15 +1,16 @@
 """GET replies read off a redis-py connection's socket straight into slabs: the kernel's copy only.
 
-redis-py cannot read a value into a caller's buffer: both of its parsers (hiredis's and its own)
-read the socket into a buffer of theirs and build a new ``bytes`` per value from it, and a response
-callback only ever sees that finished object, so a value reached a slab after three copies
-(kernel to the parser's buffer, to the reply object, to the slab); measured on a loopback
-redis-server, that path moved 0.65 GB/s where reading into the slab moved 1.1 GB/s per
-connection. The fetch path therefore sends its pipelined GETs through a pooled redis-py
-connection (which did the connect, AUTH, SELECT and TLS) and reads the RESP2 replies off that
-connection's socket (``Connection._sock``, present in every redis-py release) itself: the bulk
-string's length line, the value's header into a small buffer, the payload with ``recv_into``
-into the slab, then the checksum over the slab in place.
+redis-py cannot read a value into a caller's buffer: both of its parsers read the socket into a
+buffer of theirs and build a new ``bytes`` per value from it (hiredis's copies once more, into its
+own reader buffer), and a response callback only ever sees that finished object, so a value
+reached a slab after three or four copies. On a loopback redis-server redis-py's pipelined GET
+with hiredis moved 0.93 GB/s before even the copy into the slab, reading into the slab moved
+1.30 GB/s over one connection (benchmarks/RESULTS.md). The fetch path therefore sends its
+pipelined GETs through a pooled redis-py connection (which did the connect, AUTH, SELECT and
+TLS) and reads the RESP2 replies off that connection's socket (``Connection._sock``, present in
+every redis-py release) itself: the bulk string's length line, the value's header into a small
+buffer, the payload with ``recv_into`` into the slab, then the checksum over the slab in place.
+The kernel's copy from the socket into the slab is the only one left.
 
 Every read is exact (never past the reply being read), so a connection whose replies were all
 read is clean for the pool again (``in_sync``). Every read also ends by ``deadline`` and waits at
