@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import socket
 import threading
@@ -11,7 +12,9 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-redis = pytest.importorskip("redis")
+from tests.test_remote_tier import REDIS_REQUIRED
+
+redis = importlib.import_module("redis") if REDIS_REQUIRED else pytest.importorskip("redis")
 
 from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: E402
 from redis.exceptions import InvalidResponse, ResponseError  # noqa: E402

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,8 @@ def test_a_lease_or_reservation_near_its_deadline_copies_nothing(store: CacheSto
 class GatedTier:
     """A RemoteTier in memory whose existence check waits for ``gate`` (a hung Redis)."""
 
+    connections = 4
+
     def __init__(self, slab_format: SlabFormat) -> None:
         self.format = slab_format
         self.values: dict[bytes, bytes] = {}
@@ -187,9 +190,14 @@ class GatedTier:
             n += 1
         return n
 
-    def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
-        assert all(self.format.check_value(k, self.values[k]) is Verdict.OK for k in keys)
-        return [memoryview(self.values[k])[HEADER_BYTES:] for k in keys]
+    def fetch_into(self, keys: Sequence[bytes], destinations: Sequence[np.ndarray], deadline: float) -> int:
+        for key, dest in zip(keys, destinations, strict=True):
+            assert self.format.check_value(key, self.values[key]) is Verdict.OK
+            dest[:] = np.frombuffer(self.values[key], dtype=np.uint8, offset=HEADER_BYTES)
+        return len(keys)
+
+    def throughput(self) -> None:
+        return None  # never measured: fills probe, ``connections`` chunks at a time
 
     def close(self) -> None:
         pass
@@ -203,7 +211,7 @@ def test_ip_lookup_waits_for_a_hung_remote_at_most_remote_timeout_ms(monkeypatch
             tiers.append(GatedTier(slab_format))
         return tiers[0]  # one remote shared by both stores
 
-    monkeypatch.setattr("lmc_transfer.store.ip.build_remote_tier", build)
+    monkeypatch.setattr("lmc_transfer.tiers.remote_sync.build_remote_tier", build)
     timeout_s = 0.1
     config = LMCTransferConfig.from_dict({
         "chunk_size": CHUNK, "max_local_cpu_size": 8 * SLAB_BYTES / 1024**3,
