@@ -108,8 +108,9 @@ class RemoteTierStats:
     skipped: int  # lookups/fetches answered a miss at once because the breaker was open
     evicted: int  # values deleted to keep the namespace under its byte budget
     breaker_open: bool
-    est_bytes_per_s: float | None  # measured fetch bandwidth (moving average); None before a fetch
-    est_latency_s: float | None  # measured round-trip latency (moving average)
+    # Moving averages of what the tier delivered; 0.0 until a fetch was measured (STATS carries numbers only).
+    est_bytes_per_s: float
+    est_latency_s: float
 
 
 class _CircuitBreaker:
@@ -333,8 +334,8 @@ class RemoteTier:
             return RemoteTierStats(
                 **self._counts,
                 breaker_open=self._breaker.is_open,
-                est_bytes_per_s=None if estimate is None else estimate.bytes_per_s,
-                est_latency_s=None if estimate is None else estimate.latency_s,
+                est_bytes_per_s=0.0 if estimate is None else estimate.bytes_per_s,
+                est_latency_s=0.0 if estimate is None else estimate.latency_s,
             )
 
     def close(self) -> None:
