@@ -135,6 +135,8 @@ def test_a_remote_prefix_slower_than_recomputing_it_is_skipped_and_counted(workd
     (one chunk over one connection) the daemon leaves the rest of the prefix to the engine."""
     a = start_daemon(daemons, _host(workdir, "a", server))
     assert engine_store(a.config, 29, 6) == {"committed": 6}
+    remote = a.stats()["remote"]
+    assert (remote["est_bytes_per_s"], remote["est_latency_s"]) == (0.0, 0.0), "nothing fetched: no estimate"
     assert a.stop() == 0
     no_cost = {"remote_model_params_b": None, "remote_recompute_tflops": 500.0, "remote_connections": 1}
     b = start_daemon(daemons, _host(workdir, "b", server, **no_cost))
