@@ -4,8 +4,8 @@ redis-py cannot read a value into a caller's buffer: both of its parsers read th
 buffer of theirs and build a new ``bytes`` per value from it (hiredis's copies once more, into its
 own reader buffer), and a response callback only ever sees that finished object, so a value
 reached a slab after three or four copies. On a loopback redis-server redis-py's pipelined GET
-with hiredis moved 0.92 GB/s before even the copy into the slab, reading into the slab moved
-1.28 GB/s over one connection (benchmarks/RESULTS.md). The fetch path therefore sends its
+with hiredis moved 0.89 GB/s before even the copy into the slab, reading into the slab moved
+1.29 GB/s over one connection (benchmarks/RESULTS.md). The fetch path therefore sends its
 pipelined GETs through a pooled redis-py connection (which did the connect, AUTH, SELECT and
 TLS) and reads the RESP2 replies off that connection's socket (``Connection._sock``, present in
 every redis-py release) itself: the bulk string's length line, the value's header into a small
