@@ -30,7 +30,7 @@ from lmc_transfer.radix.policy import HostHit, KeyNamespace, LMCPolicy, LoadBack
 from lmc_transfer.store.base import CacheStore, Lease
 from lmc_transfer.store.ip import IPStore
 from lmc_transfer.transfer.layerwise import LayerTransferCounter, LayerwiseStore
-from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,17 @@ class HostCache:
             if self._owns_store:
                 self.store.close()
 
+    # The tree's own methods, with the host cache settled first (this mixin comes first in the
+    # MRO of both LMCRadixCache and the SGLang plugin, so super() is their radix tree).
+
+    def evictable_size(self) -> int:
+        self._reap_stores(block=False)
+        return super().evictable_size()
+
+    def reset(self) -> None:
+        self._settle_all()
+        super().reset()
+
     def _settle_all(self) -> None:
         if not hasattr(self, "_mp_load_back_markers"):
             return  # the tree's constructor runs reset() before _init_host_cache
@@ -297,13 +308,7 @@ class HostCache:
     # ----- internals -----
 
     def _new_transfer(self) -> Transfer:
-        return Transfer(
-            self.kv_buffers,
-            self.config.chunk_size,
-            path=TransferPath(self.config.transfer_path),
-            staging_bytes=self.config.staging_bytes,
-            max_programs=self.config.max_programs,
-        )
+        return Transfer.for_config(self.kv_buffers, self.config)
 
     def _open_store(self, config: LMCTransferConfig, buffers: KVBuffers) -> CacheStore:
         if self._mode is Mode.MP:

@@ -159,14 +159,6 @@ class LMCRadixCache(HostCache, RadixCache):
         self._settle_before_evict()
         return super().evict(num_tokens)
 
-    def evictable_size(self) -> int:
-        self._reap_stores(block=False)
-        return super().evictable_size()
-
-    def reset(self) -> None:
-        self._settle_all()
-        super().reset()
-
     # ----- LoadBackTree -----
 
     def node_in_tree(self, node: TreeNode) -> bool:

@@ -39,7 +39,7 @@ from lmc_transfer.store.base import (
     StoreStats,
 )
 from lmc_transfer.store.slots import chunk_slots, lease_slots
-from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer
 from lmc_transfer.transfer.store_copies import StoreCopies
 
 from lmc_transfer.config import LMCTransferConfig
@@ -89,13 +89,7 @@ class IPStore(CacheStore):
         self._pool: SlabPool | None = SlabPool(
             data, generations, slab_bytes, clock=clock, on_commit=self._remote.on_commit if self._remote is not None else None
         )
-        self.transfer = Transfer(
-            buffers,
-            self.chunk_size,
-            path=TransferPath(config.transfer_path),
-            staging_bytes=config.staging_bytes,
-            max_programs=config.max_programs,
-        )
+        self.transfer = Transfer.for_config(buffers, config)
         self._copies = StoreCopies(self.transfer, "ip-store")
         self._stats_lock = threading.Lock()
         self._stats = StoreStats()

@@ -90,7 +90,7 @@ from lmc_transfer.store.base import (
     StoreStats,
 )
 from lmc_transfer.store.slots import chunk_slots, lease_slots
-from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer
 from lmc_transfer.transfer.store_copies import StoreCopies
 
 log = logging.getLogger(__name__)
@@ -357,13 +357,7 @@ class MPStore(CacheStore):
         self.slab_bytes = buffers.geometry.slab_bytes(config.chunk_size)
         self.client_id = client_id or uuid.uuid4().hex
         self._conn = DaemonConnection.for_config(config)
-        self._transfer = Transfer(
-            buffers,
-            config.chunk_size,
-            path=TransferPath(config.transfer_path),
-            staging_bytes=config.staging_bytes,
-            max_programs=config.max_programs,
-        )
+        self._transfer = Transfer.for_config(buffers, config)
         self._copies = StoreCopies(self._transfer, "mp-store")
         self._lock = threading.RLock()
         self._session: _Session | None = None

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from lmc_transfer.kernels import CopyPlan, Direction, KVBuffers, layer_signal_count, plan_copy, run_copy
 from lmc_transfer.transfer.schedule import StagingSchedule, UnitOrder, staging_schedule
 from lmc_transfer.transfer.staging import StagingArea, run_schedule
+
+if TYPE_CHECKING:
+    from lmc_transfer.config import LMCTransferConfig
 
 DEFAULT_STAGING_BYTES = 64 << 20
 
@@ -116,6 +119,12 @@ class Transfer:
             staging_schedule(1, range(1), self.layer_bytes, staging_bytes, UnitOrder.LAYER_MAJOR)
 
     # -- public API -------------------------------------------------------
+
+    @classmethod
+    def for_config(cls, buffers: KVBuffers, config: "LMCTransferConfig") -> "Transfer":
+        """A transfer with the config's path, staging size and program cap."""
+        return cls(buffers, config.chunk_size, path=TransferPath(config.transfer_path),
+                   staging_bytes=config.staging_bytes, max_programs=config.max_programs)
 
     def prepare(self, slots: torch.Tensor, slabs: Sequence[torch.Tensor], *, token_offset: int = 0,
                 validate: bool = False) -> PreparedTransfer:

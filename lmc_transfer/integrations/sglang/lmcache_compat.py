@@ -51,7 +51,7 @@ from lmc_transfer.keys import KeySalt
 from lmc_transfer.transfer.layerwise import LayerTransferCounter
 from lmc_transfer.radix.policy import HostHit, LMCPolicy, TpMinReduce
 from lmc_transfer.store.base import CacheStore
-from lmc_transfer.transfer.paths import Transfer, TransferPath
+from lmc_transfer.transfer.paths import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,7 @@ class _Connector:
         self.policy = LMCPolicy(
             store, salt, None, page_size=page_size, tp_min_reduce=_tp_min_reduce(tp_size, tp_group, buffers.device)
         )
-        self._transfer = Transfer(
-            buffers, config.chunk_size, path=TransferPath(config.transfer_path),
-            staging_bytes=config.staging_bytes, max_programs=config.max_programs,
-        )
+        self._transfer = Transfer.for_config(buffers, config)
 
     def chunk_size(self) -> int:
         return self.store.chunk_size
@@ -333,8 +330,7 @@ class LMCacheLayerwiseConnector(_Connector):
         buffers = _buffers(k_pool, v_pool, kv_caches if use_mla or kv_caches is not None else None)
         super().__init__(IPStore(config, buffers), buffers, config, sgl_config, tp_size, rank, tp_group, page_size)
         self._counter = LayerTransferCounter(
-            Transfer(buffers, config.chunk_size, path=TransferPath(config.transfer_path),
-                     staging_bytes=config.staging_bytes, max_programs=config.max_programs),
+            Transfer.for_config(buffers, config),
             layer_signals=config.layer_signals,
         )
         self._on_cuda = buffers.device.type == "cuda"
